@@ -1,0 +1,63 @@
+# The two commands of the README: `make site` and `make test`. Each creates .venv and installs
+# what it needs; a second run reuses the venv (stamp file) and the container image.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Podman settings for this kind of host (runc, explicit ulimits): see molecule/containers.conf.
+export CONTAINERS_CONF := $(CURDIR)/molecule/containers.conf
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+
+IMAGE_BOOKWORM := localhost/esp32-fleet-debian:bookworm
+# openssl for the PKI checks; mosquitto + clients run throwaway brokers in pytest; podman, runc and
+# debootstrap for Molecule's containers.
+SITE_DEBS := openssl
+TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns
+
+.PHONY: site test venv lint pytest molecule image system-deps-site system-deps-test bench clean
+
+site: venv system-deps-site
+	$(BIN)/ansible-playbook site.yml
+
+test: venv system-deps-test image lint pytest molecule
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
+	touch $@
+
+system-deps-site:
+	scripts/system-deps.sh $(SITE_DEBS)
+
+system-deps-test:
+	scripts/system-deps.sh $(TEST_DEBS)
+
+image: system-deps-test
+	scripts/build-image.sh bookworm $(IMAGE_BOOKWORM)
+
+lint: venv
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+pytest: venv
+	$(BIN)/pytest
+
+molecule: venv image
+	$(BIN)/molecule test --all
+
+bench: venv
+	@echo "no benchmarks yet"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
