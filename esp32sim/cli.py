@@ -1,10 +1,124 @@
-"""Command line entry point (placeholder until the simulator lands)."""
+"""Command line: `esp32sim serve | fleet start|stop|status | boot`."""
 
+import argparse
+import signal
 import sys
+import threading
+
+from . import __version__
+from .device import Faults, parse_mac
+
+
+def _host_port(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _mac(text):
+    try:
+        parse_mac(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.lower()
+
+
+def _fault(text):
+    try:
+        Faults.parse([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="esp32sim", description="A simulated ESP32 for esptool.")
+    p.add_argument("--version", action="version", version=f"esp32sim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run one board in the foreground")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pty", metavar="PATH", help="symlink to create for the board's pty")
+    where.add_argument("--tcp", metavar="HOST:PORT", type=_host_port, help="TCP listen address")
+    s.add_argument("--flash", required=True, metavar="FILE", help="flash image (created as 4 MiB of 0xFF)")
+    s.add_argument("--mac", type=_mac, default="24:0a:c4:00:00:01", help="base MAC in eFuse")
+    s.add_argument("--baud-pacing", action="store_true", help="delay bytes to the line rate (8N1)")
+    s.add_argument("--fault", action="append", type=_fault, default=[], metavar="KIND[=VALUE]")
+    s.add_argument("--quiet", action="store_true", help="do not log events to stderr")
+
+    f = sub.add_parser("fleet", help="run N boards in the background")
+    fsub = f.add_subparsers(dest="fleet_command", required=True)
+    fs = fsub.add_parser("start", help="start N boards (idempotent)")
+    fs.add_argument("--count", type=int, required=True)
+    fs.add_argument("--dir", required=True)
+    fs.add_argument("--mac-base", type=_mac, default="24:0a:c4:00:00:01")
+    fs.add_argument("--baud-pacing", action="store_true")
+    fs.add_argument("--fault-board", action="append", default=[], metavar="I:KIND[=VALUE]")
+    for name, text in (("stop", "stop the boards of DIR"), ("status", "print JSON status of DIR")):
+        fx = fsub.add_parser(name, help=text)
+        fx.add_argument("--dir", required=True)
+    fr = fsub.add_parser("run", help=argparse.SUPPRESS)  # the daemon itself (internal)
+    fr.add_argument("--dir", required=True)
+
+    b = sub.add_parser("boot", help="run the provisioned firmware from a flash image")
+    b.add_argument("--flash", required=True, metavar="FILE")
+    b.add_argument("--nvs-offset", type=lambda x: int(x, 0), default=0x9000)
+    b.add_argument("--nvs-size", type=lambda x: int(x, 0), default=0x6000)
+    b.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
+    n = b.add_mutually_exclusive_group()
+    n.add_argument("--once", action="store_true", help="publish one reading and exit")
+    n.add_argument("--count", type=int, help="publish N readings and exit")
+    b.add_argument("--timeout", type=float, default=10.0, help="network timeout in seconds")
+    b.add_argument("--topic-override", metavar="TOPIC", help="publish here instead of the own topic")
+    return p
+
+
+def _log_to_stderr(prefix):
+    def log(msg):
+        print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def cmd_serve(args):
+    from .transport import Board, PtyTransport, TcpTransport
+
+    log = (lambda msg: None) if args.quiet else _log_to_stderr("esp32sim: ")
+    board = Board(args.flash, mac=args.mac, faults=args.fault, baud_pacing=args.baud_pacing, log=log)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.pty:
+        transport = PtyTransport(board, args.pty)
+        print(f"esp32sim: board {args.mac} on {transport.link_path} -> {transport.slave_name}", flush=True)
+    else:
+        transport = TcpTransport(board, *args.tcp)
+        print(f"esp32sim: board {args.mac} on socket://{transport.host}:{transport.port}", flush=True)
+    try:
+        transport.serve(stop)
+    finally:
+        transport.close()
+        board.close()
+    return 0
 
 
 def main(argv=None):
-    print("esp32sim: not implemented yet", file=sys.stderr)
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "fleet":
+        from . import fleet
+
+        return fleet.main(args)
+    if args.command == "boot":
+        from . import boot
+
+        return boot.main(args)
     return 2
 
 

@@ -1,0 +1,241 @@
+"""Fleet mode: N boards in one background daemon, each with its own pty, MAC and flash file.
+
+DIR/fleet.json   what was asked for (boards, ports, MACs, faults)
+DIR/fleet.pid    the daemon's pid, written once every pty is ready, removed when it exits
+DIR/fleet.log    the daemon's log
+DIR/ttyUSB<i>    symlink to board i's /dev/pts/N;  DIR/ttyUSB<i>.flash its flash image
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from .device import Faults, mac_add
+from .transport import Board, PtyTransport
+
+CONFIG = "fleet.json"
+PIDFILE = "fleet.pid"
+LOGFILE = "fleet.log"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+
+def _paths(d):
+    return os.path.join(d, CONFIG), os.path.join(d, PIDFILE), os.path.join(d, LOGFILE)
+
+
+def build_config(args) -> dict:
+    if args.count < 1:
+        raise ValueError("--count must be at least 1")
+    faults = {}
+    for spec in args.fault_board:
+        idx, sep, fault = spec.partition(":")
+        if not sep or not idx.isdigit() or int(idx) >= args.count:
+            raise ValueError(f"--fault-board {spec!r}: expected I:KIND[=VALUE] with 0 <= I < {args.count}")
+        Faults.parse([fault])
+        faults.setdefault(int(idx), []).append(fault)
+    d = os.path.abspath(args.dir)
+    boards = []
+    for i in range(args.count):
+        port = os.path.join(d, f"ttyUSB{i}")
+        boards.append(
+            {
+                "index": i,
+                "port": port,
+                "flash": f"{port}.flash",
+                "mac": mac_add(args.mac_base, i),
+                "faults": faults.get(i, []),
+            }
+        )
+    return {"dir": d, "baud_pacing": bool(args.baud_pacing), "boards": boards}
+
+
+def _read_pid(pidfile):
+    try:
+        with open(pidfile) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_our_daemon(pid, d) -> bool:
+    """True when pid is alive and is the fleet daemon of this directory (not a reused pid)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\x00")
+    except OSError:
+        return False
+    return b"esp32sim.cli" in argv and b"run" in argv and os.fsencode(d) in argv
+
+
+def status(d) -> dict:
+    d = os.path.abspath(d)
+    cfg_path, pidfile, _ = _paths(d)
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        cfg = {"dir": d, "boards": [], "baud_pacing": False}
+    pid = _read_pid(pidfile)
+    alive = _is_our_daemon(pid, d)
+    boards = []
+    for b in cfg["boards"]:
+        target = os.path.realpath(b["port"]) if os.path.islink(b["port"]) else None
+        boards.append({**b, "pty": target, "alive": bool(alive and target and os.path.exists(target))})
+    return {
+        "dir": d,
+        "pid": pid if alive else None,
+        "pids": [pid] if alive else [],
+        "alive": alive,
+        "baud_pacing": cfg.get("baud_pacing", False),
+        "count": len(boards),
+        "boards": boards,
+        "ports": [b["port"] for b in boards],
+        "macs": [b["mac"] for b in boards],
+    }
+
+
+def start(args) -> int:
+    try:
+        cfg = build_config(args)
+    except ValueError as e:
+        print(f"esp32sim fleet: {e}", file=sys.stderr)
+        return 2
+    d = cfg["dir"]
+    os.makedirs(d, exist_ok=True)
+    cfg_path, pidfile, logfile = _paths(d)
+    current = status(d)
+    if current["alive"]:
+        with open(cfg_path) as f:
+            running = json.load(f)
+        if running == cfg and all(b["alive"] for b in current["boards"]):
+            print(
+                f"esp32sim fleet: already running ({len(cfg['boards'])} boards in {d}, pid {current['pid']})"
+            )
+            return 0
+        print(
+            f"esp32sim fleet: a different fleet is running in {d} (pid {current['pid']}); "
+            "stop it first with `esp32sim fleet stop --dir DIR`",
+            file=sys.stderr,
+        )
+        return 1
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
+    tmp = f"{cfg_path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, cfg_path)
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "esp32sim.cli", "fleet", "run", "--dir", d],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # survives the caller (an Ansible task, a shell)
+            close_fds=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if _read_pid(pidfile) == proc.pid:
+            print(f"esp32sim fleet: started {len(cfg['boards'])} boards in {d} (pid {proc.pid})")
+            return 0
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(5)
+    tail = ""
+    with contextlib.suppress(OSError), open(logfile, errors="replace") as f:
+        tail = f.read()[-600:].strip().replace("\n", " | ")
+    print(f"esp32sim fleet: the daemon did not become ready: {tail}", file=sys.stderr)
+    return 1
+
+
+def stop(args) -> int:
+    d = os.path.abspath(args.dir)
+    _, pidfile, _ = _paths(d)
+    pid = _read_pid(pidfile)
+    if not _is_our_daemon(pid, d):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pidfile)
+        print(f"esp32sim fleet: not running in {d}")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline and _is_our_daemon(pid, d):
+        time.sleep(0.05)
+    if _is_our_daemon(pid, d):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
+    print(f"esp32sim fleet: stopped pid {pid} in {d}")
+    return 0
+
+
+def run_daemon(args) -> int:
+    """The daemon: serve every board until SIGTERM."""
+    d = os.path.abspath(args.dir)
+    cfg_path, pidfile, _ = _paths(d)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    stop_event = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop_event.set())
+    signal.signal(signal.SIGINT, lambda *a: stop_event.set())
+    transports, boards, threads = [], [], []
+    try:
+        for b in cfg["boards"]:
+
+            def log(msg, i=b["index"]):
+                print(f"board {i}: {msg}", file=sys.stderr, flush=True)
+
+            board = Board(
+                b["flash"], mac=b["mac"], faults=b["faults"], baud_pacing=cfg["baud_pacing"], log=log
+            )
+            boards.append(board)
+            transports.append(PtyTransport(board, b["port"]))
+        for t in transports:
+            th = threading.Thread(target=t.serve, args=(stop_event,), daemon=True)
+            th.start()
+            threads.append(th)
+        tmp = f"{pidfile}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, pidfile)
+        print(f"fleet ready: {len(boards)} boards", file=sys.stderr, flush=True)
+        while not stop_event.is_set():
+            stop_event.wait(0.5)
+            if not all(th.is_alive() for th in threads):
+                print("a board thread died; stopping the fleet", file=sys.stderr, flush=True)
+                return 1
+        return 0
+    finally:
+        stop_event.set()
+        for th in threads:
+            th.join(2)
+        for t in transports:
+            t.close()
+        for board in boards:
+            board.close()
+        if _read_pid(pidfile) == os.getpid():
+            os.unlink(pidfile)
+
+
+def main(args) -> int:
+    if args.fleet_command == "start":
+        return start(args)
+    if args.fleet_command == "stop":
+        return stop(args)
+    if args.fleet_command == "status":
+        print(json.dumps(status(args.dir), indent=2))
+        return 0
+    if args.fleet_command == "run":
+        return run_daemon(args)
+    return 2

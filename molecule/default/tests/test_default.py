@@ -1,0 +1,341 @@
+"""The running broker, probed from outside (TLS and MQTT through the published ports) and inside.
+
+Certificates come from the scenario's PKI (made by the project's pki role in prepare) and a rogue CA.
+Every check is against the live broker: handshakes, MQTT CONNACK/SUBACK/PUBACK reason codes, files.
+"""
+
+import contextlib
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+
+PKI = Path(os.environ["PKI_DIR"])
+ROGUE = Path(os.environ["ROGUE_DIR"])
+CA = PKI / "ca" / "ca.crt"
+SCENARIO = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
+TIMEOUT = 10
+# The scenario's test-only password (molecule.yml group_vars).
+MONITOR_PASSWORD = "molecule-monitor-password"  # noqa: S105
+
+
+def _published(name):
+    """{container port: host port} for one platform, read from molecule.yml."""
+    config = yaml.safe_load((SCENARIO / "molecule.yml").read_text())
+    platform = next(p for p in config["platforms"] if p["name"] == name)
+    ports = {}
+    for spec in platform["published_ports"]:
+        _, host_port, container_port = spec.split(":")
+        ports[int(container_port)] = int(host_port)
+    return ports
+
+
+@pytest.fixture
+def ports(host):
+    return _published(host.backend.name)
+
+
+def device(name):
+    return PKI / "devices" / f"{name}.crt", PKI / "devices" / f"{name}.key"
+
+
+def tls_context(version=None, cert=None, verify=True):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if verify:
+        ctx.load_verify_locations(CA)
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        if version < ssl.TLSVersion.TLSv1_2:
+            # Let the client offer old versions at all, so that a refusal is the server's.
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        ctx.minimum_version = version
+        ctx.maximum_version = version
+    if cert is not None:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+def handshake(port, ctx, read=False):
+    """TLS handshake with localhost:port; with read=True also wait for the server's first verdict."""
+    with (
+        socket.create_connection(("localhost", port), timeout=TIMEOUT) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        info = (tls.version(), tls.getpeercert())
+        if read:
+            # TLS 1.3 servers judge the client certificate after the client's handshake finished:
+            # the refusal arrives as an alert on the first read.
+            tls.settimeout(1.5)
+            with contextlib.suppress(TimeoutError):
+                tls.recv(1)
+        return info
+
+
+class Mqtt:
+    """A small synchronous MQTT v5 client: reason codes of CONNACK, SUBACK and PUBACK, and messages."""
+
+    def __init__(self, port, cert=None, username=None, password=None, tls=True):
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+        )
+        if tls:
+            certfile, keyfile = (str(cert[0]), str(cert[1])) if cert else (None, None)
+            self.client.tls_set(ca_certs=str(CA), certfile=certfile, keyfile=keyfile)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.port = port
+        self.connected = threading.Event()
+        self.acked = {}
+        self.messages = []
+        self.connack = None
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_message = lambda c, u, msg: self.messages.append((msg.topic, msg.payload))
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.connack = reason_code
+        self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        self.acked[mid] = reason_codes
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        self.acked[mid] = reason_code
+
+    def __enter__(self):
+        self.client.connect("localhost", self.port)
+        self.client.loop_start()
+        assert self.connected.wait(TIMEOUT), "no CONNACK"
+        return self
+
+    def __exit__(self, *exc):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _wait(self, mid):
+        event = threading.Event()
+        for _ in range(TIMEOUT * 20):
+            if mid in self.acked:
+                return self.acked[mid]
+            event.wait(0.05)
+        raise AssertionError(f"no acknowledgement for message id {mid}")
+
+    def subscribe(self, topic):
+        _, mid = self.client.subscribe(topic, qos=1)
+        return self._wait(mid)[0]
+
+    def publish(self, topic, payload):
+        return self._wait(self.client.publish(topic, payload, qos=1).mid)
+
+
+def wait_for(predicate):
+    event = threading.Event()
+    for _ in range(TIMEOUT * 10):
+        if predicate():
+            return True
+        event.wait(0.1)
+    return False
+
+
+# --- service and sockets -------------------------------------------------------------------------
+
+
+def test_service_running_and_enabled(host):
+    service = host.service("mosquitto")
+    assert service.is_running
+    assert service.is_enabled
+
+
+def test_tls_listeners_listen_and_plaintext_is_loopback_only(host):
+    listening = host.socket.get_listening_sockets()
+    assert any(s.endswith(":8883") for s in listening)
+    assert any(s.endswith(":8884") for s in listening)
+    plain = [s for s in listening if s.endswith(":1883")]
+    # The scenario enables the plaintext listener: it must exist, and only on loopback.
+    assert plain == ["tcp://127.0.0.1:1883"]
+
+
+def test_broker_runs_with_its_openssl_config(host):
+    pid = host.check_output("systemctl show -p MainPID --value mosquitto")
+    environ = host.file(f"/proc/{pid}/environ").content.split(b"\0")
+    assert b"OPENSSL_CONF=/etc/mosquitto/openssl.cnf" in environ
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_handshake_verifies_chain_and_hostname(ports, version):
+    negotiated, peer = handshake(ports[8883], tls_context(version, device("esp32-dev-a")))
+    assert negotiated == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+    assert ("DNS", "localhost") in peer["subjectAltName"]
+
+
+def test_openssl_s_client_verifies_chain_and_hostname(ports):
+    cert, key = device("esp32-dev-a")
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{ports[8883]}", "-CAfile", str(CA),
+         "-verify_return_error", "-verify_hostname", "localhost", "-cert", str(cert), "-key", str(key)],
+        input="", capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert "Verify return code: 0 (ok)" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_old_tls_versions_are_refused_by_the_server(ports, version):
+    with pytest.raises(ssl.SSLError) as refused:
+        handshake(ports[8883], tls_context(version, device("esp32-dev-a")))
+    # An alert from the server, not a client that would not even try.
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_client_without_certificate_is_refused(ports, version):
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        handshake(ports[8883], tls_context(version), read=True)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_client_certificate_from_another_ca_is_refused(ports, version):
+    rogue = (ROGUE / "client.crt", ROGUE / "client.key")
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        handshake(ports[8883], tls_context(version, rogue), read=True)
+
+
+def test_key_exchange_groups_outside_mozilla_intermediate_are_refused(ports):
+    cert, key = device("esp32-dev-a")
+    outcome = {}
+    for group in ("X448", "secp521r1", "X25519", "P-256", "P-384"):
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{ports[8883]}", "-CAfile", str(CA),
+             "-groups", group, "-cert", str(cert), "-key", str(key)],
+            input="", capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        outcome[group] = "Verify return code: 0 (ok)" in result.stdout
+    assert outcome == {"X448": False, "secp521r1": False, "X25519": True, "P-256": True, "P-384": True}
+
+
+def test_sslyze_reports_mozilla_intermediate_compliance(ports):
+    cert, key = device("esp32-dev-a")
+    result = subprocess.run(
+        [sys.executable, "-m", "sslyze", "--certinfo_ca_file", str(CA), "--mozilla_config", "intermediate",
+         "--cert", str(cert), "--key", str(key), f"localhost:{ports[8883]}"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Compliant" in result.stdout
+
+
+# --- MQTT ----------------------------------------------------------------------------------------
+
+
+def test_device_uses_its_own_topic_root_only(ports):
+    with Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a:
+        assert dev_a.connack == 0
+        assert dev_a.subscribe("devices/esp32-dev-a/#") == 1  # granted QoS 1
+        assert dev_a.publish("devices/esp32-dev-a/temperature", b"21.5") == 0
+        assert wait_for(lambda: ("devices/esp32-dev-a/temperature", b"21.5") in dev_a.messages)
+        # Another device's topic root: PUBACK 0x87 "not authorized".
+        assert dev_a.publish("plant/line-2/esp32-dev-b/temperature", b"spoofed") == 135
+        assert dev_a.publish("devices/esp32-dev-b/temperature", b"spoofed") == 135
+
+
+def test_device_cannot_read_other_devices_but_the_monitor_can(ports):
+    # mosquitto 2.0 grants a SUBACK for any filter and applies the ACL to every delivered message,
+    # so the proof is which messages arrive.
+    with (
+        Mqtt(ports[8884], username="fleet-monitor", password=MONITOR_PASSWORD) as monitor,
+        Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a,
+        Mqtt(ports[8883], cert=device("esp32-dev-b")) as dev_b,
+    ):
+        assert monitor.connack == 0
+        for topic in ("plant/#", "devices/#"):
+            assert monitor.subscribe(topic) == 1
+            assert dev_a.subscribe(topic) == 1
+        assert dev_b.publish("plant/line-2/esp32-dev-b/humidity", b"40") == 0
+        assert dev_a.publish("devices/esp32-dev-a/humidity", b"41") == 0
+        assert wait_for(lambda: ("plant/line-2/esp32-dev-b/humidity", b"40") in monitor.messages)
+        assert wait_for(lambda: ("devices/esp32-dev-a/humidity", b"41") in monitor.messages)
+        assert wait_for(lambda: ("devices/esp32-dev-a/humidity", b"41") in dev_a.messages)
+        assert ("plant/line-2/esp32-dev-b/humidity", b"40") not in dev_a.messages
+        # The monitor may read only.
+        assert monitor.publish("devices/esp32-dev-a/cmd", b"x") == 135
+
+
+@pytest.mark.parametrize(
+    "username,password", [(None, None), ("fleet-monitor", "wrong"), ("retired-dashboard", "x")]
+)
+def test_password_listener_refuses_anonymous_and_bad_credentials(ports, username, password):
+    client = Mqtt(ports[8884], username=username, password=password)
+    with client:
+        assert client.connack != 0
+        assert client.connack.is_failure
+
+
+def test_plaintext_loopback_listener_refuses_anonymous_connect(host):
+    # Inside the container (the listener is loopback-only); mosquitto_sub exits non-zero on refusal.
+    result = host.run("timeout 5 mosquitto_sub -h 127.0.0.1 -p 1883 -t devices/# -C 1 -W 2")
+    assert result.rc != 0
+    assert "not authorised" in (result.stderr + result.stdout).lower()
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path,owner,group,mode",
+    [
+        ("/etc/mosquitto/certs", "root", "mosquitto", 0o750),
+        ("/etc/mosquitto/certs/ca.crt", "root", "mosquitto", 0o644),
+        ("/etc/mosquitto/certs/server.crt", "root", "mosquitto", 0o644),
+        ("/etc/mosquitto/certs/server.key", "root", "mosquitto", 0o640),
+        ("/etc/mosquitto/certs/crl.pem", "root", "mosquitto", 0o644),
+        ("/etc/mosquitto/passwd", "mosquitto", "mosquitto", 0o600),
+        ("/etc/mosquitto/acl", "mosquitto", "mosquitto", 0o600),
+        ("/var/lib/mosquitto-fleet/last-good", "root", "root", 0o700),
+    ],
+)
+def test_file_ownership_and_mode(host, path, owner, group, mode):
+    f = host.file(path)
+    assert f.exists
+    assert (f.user, f.group, f.mode) == (owner, group, mode)
+
+
+def test_deployed_files_match_the_controller_pki(host):
+    name = host.backend.name
+    assert host.file("/etc/mosquitto/certs/ca.crt").content_string == CA.read_text()
+    assert (
+        host.file("/etc/mosquitto/certs/server.crt").content_string
+        == (PKI / "brokers" / f"{name}.crt").read_text()
+    )
+
+
+def test_server_key_matches_certificate(host):
+    cert_pub = host.check_output("openssl x509 -noout -pubkey -in /etc/mosquitto/certs/server.crt")
+    key_pub = host.check_output("openssl pkey -pubout -in /etc/mosquitto/certs/server.key")
+    assert cert_pub == key_pub and "BEGIN PUBLIC KEY" in key_pub
+
+
+def test_ca_key_is_not_on_the_broker(host):
+    # A line from the middle of the (encrypted) CA key: present nowhere on the broker's disk.
+    marker = (PKI / "ca" / "ca.key").read_text().splitlines()[2]
+    result = host.run(f"grep -rlF -- '{marker}' /etc /root /var /tmp /opt /srv /home")
+    assert result.rc == 1, result.stdout
+
+
+def test_password_file_holds_only_pbkdf2_hashes(host):
+    content = host.file("/etc/mosquitto/passwd").content_string
+    assert [line.split(":", 1)[0] for line in content.splitlines()] == ["fleet-monitor"]
+    assert content.split(":", 1)[1].startswith("$7$101$")
+    assert MONITOR_PASSWORD not in content

@@ -1,0 +1,132 @@
+#!/usr/bin/python
+"""Append rows to the fleet manifest (JSON + CSV, atomic, earlier rows kept)."""
+
+DOCUMENTATION = r"""
+---
+module: fleet_manifest
+short_description: Append one run's rows to the ESP32 fleet manifest
+description:
+  - Appends one row per board to C(<path>/<name>.json) and C(<path>/<name>.csv).
+  - Both files are rewritten atomically (temporary file and rename) under an exclusive lock; rows of
+    earlier runs are always kept, so the manifest is a run log of every provisioning attempt.
+  - The JSON file is the source of truth; the CSV is regenerated from the same rows.
+  - Also returns a summary of the appended rows grouped by result.
+version_added: "0.1.0"
+author: esp32-mqtt-fleet
+options:
+  path:
+    description: Directory holding the manifest files; created when missing.
+    type: path
+    required: true
+  name:
+    description: Base name of the manifest files.
+    type: str
+    default: fleet
+  rows:
+    description:
+      - Rows to append. Keys are the manifest fields (C(device_id) and C(result) are required;
+        C(result) is one of C(provisioned), C(unchanged), C(failed)).
+      - C(firmware) is a list of mappings (C(offset), C(sha256), ...).
+    type: list
+    elements: dict
+    required: true
+  mode:
+    description: File mode of the manifest files.
+    type: raw
+    default: "0644"
+attributes:
+  check_mode:
+    support: full
+    details: In check mode nothing is written; the module reports what it would append.
+  diff_mode:
+    support: none
+notes:
+  - Appending always changes the files, so the module reports C(changed=true) whenever it writes rows.
+    Playbooks that treat the manifest as a run log (a row saying C(unchanged) is not a change of the
+    fleet) set C(changed_when) accordingly.
+"""
+
+EXAMPLES = r"""
+- name: Record this run's boards
+  fleet_manifest:
+    path: /srv/fleet/manifests
+    rows:
+      - device_id: esp32-sim-01
+        mac: "24:0a:c4:00:00:01"
+        result: provisioned
+      - device_id: esp32-sim-02
+        result: failed
+        reason: "MAC mismatch"
+"""
+
+RETURN = r"""
+json_path:
+  description: Path of the JSON manifest.
+  returned: always
+  type: str
+csv_path:
+  description: Path of the CSV manifest.
+  returned: always
+  type: str
+rows_appended:
+  description: Number of rows appended by this call.
+  returned: always
+  type: int
+rows_total:
+  description: Number of rows in the manifest after this call (in check mode, what it would hold).
+  returned: always
+  type: int
+summary:
+  description: The appended rows grouped by result.
+  returned: always
+  type: dict
+  sample:
+    provisioned: [esp32-sim-01]
+    unchanged: []
+    failed: [{device_id: esp32-sim-02, reason: MAC mismatch}]
+"""
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.fleet_manifest import (  # noqa: E402
+    ManifestError,
+    append_rows,
+    load_rows,
+    normalize_row,
+    paths,
+    summarize,
+)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "path": {"type": "path", "required": True},
+            "name": {"type": "str", "default": "fleet"},
+            "rows": {"type": "list", "elements": "dict", "required": True},
+            "mode": {"type": "raw", "default": "0644"},
+        },
+        supports_check_mode=True,
+    )
+    p = module.params
+    json_path, csv_path = paths(p["path"], p["name"])
+    try:
+        mode = int(str(p["mode"]), 8)
+        rows = [normalize_row(r) for r in p["rows"]]
+        if module.check_mode:
+            total = len(load_rows(p["path"], p["name"])) + len(rows)
+        else:
+            total = len(append_rows(p["path"], rows, p["name"], mode))
+    except (ManifestError, OSError, ValueError) as exc:
+        module.fail_json(msg=f"fleet manifest {json_path}: {exc}")
+    module.exit_json(
+        changed=bool(rows),
+        json_path=json_path,
+        csv_path=csv_path,
+        rows_appended=len(rows),
+        rows_total=total,
+        summary=summarize(rows),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+#!/usr/bin/python
+"""Read the fleet manifest: the last recorded row of every device."""
+
+DOCUMENTATION = r"""
+---
+module: fleet_manifest_info
+short_description: Read the ESP32 fleet manifest
+description:
+  - Reads C(<path>/<name>.json) (or the CSV when only that exists) written by M(fleet_manifest).
+  - Returns, per device id, the most recent row and the most recent successful row (result
+    C(provisioned) or C(unchanged)); the provisioning role compares the latter with what the board
+    reports to decide whether the board still holds its credentials.
+version_added: "0.1.0"
+author: esp32-mqtt-fleet
+options:
+  path:
+    description: Directory holding the manifest files.
+    type: path
+    required: true
+  name:
+    description: Base name of the manifest files.
+    type: str
+    default: fleet
+attributes:
+  check_mode:
+    support: full
+    details: Read-only.
+  diff_mode:
+    support: none
+"""
+
+EXAMPLES = r"""
+- name: Read the manifest
+  fleet_manifest_info:
+    path: /srv/fleet/manifests
+  register: manifest
+
+- name: Show the last result of one board
+  ansible.builtin.debug:
+    msg: "{{ manifest.last['esp32-sim-01'].result | default('never provisioned') }}"
+"""
+
+RETURN = r"""
+rows_total:
+  description: Number of rows in the manifest (0 when it does not exist yet).
+  returned: always
+  type: int
+last:
+  description: Device id to its most recent row.
+  returned: always
+  type: dict
+last_success:
+  description: Device id to its most recent row whose result is C(provisioned) or C(unchanged).
+  returned: always
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.fleet_manifest import ManifestError, last_rows, load_rows  # noqa: E402
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "path": {"type": "path", "required": True},
+            "name": {"type": "str", "default": "fleet"},
+        },
+        supports_check_mode=True,
+    )
+    try:
+        rows = load_rows(module.params["path"], module.params["name"])
+    except (ManifestError, OSError) as exc:
+        module.fail_json(msg=f"cannot read the fleet manifest in {module.params['path']}: {exc}")
+    module.exit_json(
+        changed=False,
+        rows_total=len(rows),
+        last=last_rows(rows),
+        last_success=last_rows(rows, ("provisioned", "unchanged")),
+    )
+
+
+if __name__ == "__main__":
+    main()

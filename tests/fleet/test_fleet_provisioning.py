@@ -1,0 +1,93 @@
+"""End to end through playbooks/lab.yml and playbooks/fleet.yml against simulated boards: failure
+isolation, rerun, idempotence (changed=0), key removal, MAC pinning and chip refusal."""
+
+MACS = ["24:0a:c4:00:00:01", "24:0a:c4:00:00:02", "24:0a:c4:00:00:03"]
+
+
+def test_a_faulted_board_fails_alone_and_a_rerun_fixes_it(fleet_project):
+    project = fleet_project({f"b{i + 1}": {"esp32_mac": mac} for i, mac in enumerate(MACS)})
+
+    # Run 1: board 2 corrupts a flash block, so its write cannot verify.
+    rc, out, _ = project.run(faults=["1:corrupt-block=1"])
+    assert rc != 0, out
+    last = project.last()
+    assert last["b1"]["result"] == "provisioned"
+    assert last["b3"]["result"] == "provisioned"
+    assert last["b2"]["result"] == "failed"
+    assert "1 board(s) failed: b2 (" in out
+    assert "b2: failed" in out
+    # Verified boards keep no private key on the controller; the failed one keeps its key for the retry.
+    assert not (project.pki / "devices" / "b1.key").exists()
+    assert not (project.pki / "devices" / "b3.key").exists()
+    assert (project.pki / "devices" / "b2.key").exists()
+    # No NVS image (it holds the key) is left behind.
+    assert list((project.base / "manifests" / ".work").iterdir()) == []
+
+    # Run 2: the fault is gone (a board swapped for a good one); only board 2 is redone.
+    project.stop_lab()
+    rc, out, recap = project.run()
+    assert rc == 0, out
+    run2 = project.rows()[3:]
+    assert {r["device_id"]: r["result"] for r in run2} == {
+        "b1": "unchanged",
+        "b2": "provisioned",
+        "b3": "unchanged",
+    }
+    assert recap["b1"]["changed"] == 0 and recap["b3"]["changed"] == 0
+    assert recap["b2"]["changed"] > 0
+    assert not (project.pki / "devices" / "b2.key").exists()
+
+    # Run 3: nothing to do anywhere, and the manifest says so.
+    rc, out, recap = project.run()
+    assert rc == 0, out
+    assert recap and all(host["changed"] == 0 for host in recap.values()), recap
+    run3 = project.rows()[6:]
+    assert [r["result"] for r in run3] == ["unchanged"] * 3
+    assert all(r["cert_serial"] and r["nvs_sha256"] and r["esptool_version"] for r in run3)
+
+
+def test_an_erased_board_gets_a_new_key_and_its_old_certificate_is_revoked(fleet_project):
+    project = fleet_project({"b1": {"esp32_mac": MACS[0]}})
+    rc, out, _ = project.run()
+    assert rc == 0, out
+    first = project.last()["b1"]
+    assert project.nvs_region(0) != b"\xff" * 0x6000
+
+    # Wipe the credentials on the board (as a user erasing flash would).
+    project.stop_lab()
+    with open(project.sim_dir / "ttyUSB0.flash", "r+b") as handle:
+        handle.seek(0x9000)
+        handle.write(b"\xff" * 0x6000)
+
+    rc, out, _ = project.run()
+    assert rc == 0, out
+    second = project.last()["b1"]
+    assert second["result"] == "provisioned"
+    assert "NVS partition differs" in second["reason"]
+    assert second["cert_serial"] != first["cert_serial"]
+    revoked = (project.pki / "ca" / "revoked.yml").read_text()
+    assert first["cert_serial"] in revoked
+    assert second["cert_serial"] not in revoked
+
+
+def test_a_pinned_mac_or_another_chip_is_refused_without_writing(fleet_project):
+    project = fleet_project(
+        {
+            "b1": {"esp32_mac": MACS[0]},
+            "b2": {"esp32_mac": "24:0a:c4:00:00:99"},
+            "b3": {"esp32_mac": MACS[2]},
+        }
+    )
+    rc, out, _ = project.run(faults=["2:chip=esp32s3"])
+    assert rc != 0, out
+    last = project.last()
+    assert last["b1"]["result"] == "provisioned"
+    assert last["b2"]["result"] == "failed"
+    assert "MAC mismatch" in last["b2"]["reason"]
+    assert "24:0a:c4:00:00:02" in last["b2"]["reason"]
+    assert last["b3"]["result"] == "failed"
+    assert "ESP32-S3, not ESP32" in last["b3"]["reason"]
+    # Refused before any credential exists for them, and nothing written to their flash.
+    for index, name in ((1, "b2"), (2, "b3")):
+        assert not (project.pki / "devices" / f"{name}.crt").exists()
+        assert project.nvs_region(index) == b"\xff" * 0x6000
