@@ -50,14 +50,16 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers: the tests are independent (temp dirs, ephemeral ports, own simulator boards).
 pytest: venv
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 molecule: venv image
 	$(BIN)/molecule test --all
 
 bench: venv
-	@echo "no benchmarks yet"
+	$(BIN)/python bench/esp32sim_speed.py
+	$(BIN)/python bench/esp32_flash_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

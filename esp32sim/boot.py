@@ -177,7 +177,6 @@ def run(cfg: dict, interval: float, count: int | None, timeout: float, topic_ove
         wait(lambda: state["connack"] is not None, "CONNACK")
         if state["connack"].is_failure:
             raise BootError(EXIT_REFUSED, f"broker {host}:{port} refused CONNECT: {state['connack']}")
-        out(f"connected to {host}:{port} as {device_id}")
         sensor = Sensor(device_id)
         seq = 0
         while count is None or seq < count:

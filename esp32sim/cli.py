@@ -44,7 +44,15 @@ def build_parser():
     s.add_argument("--flash", required=True, metavar="FILE", help="flash image (created as 4 MiB of 0xFF)")
     s.add_argument("--mac", type=_mac, default="24:0a:c4:00:00:01", help="base MAC in eFuse")
     s.add_argument("--baud-pacing", action="store_true", help="delay bytes to the line rate (8N1)")
-    s.add_argument("--fault", action="append", type=_fault, default=[], metavar="KIND[=VALUE]")
+    s.add_argument(
+        "--fault",
+        action="extend",
+        nargs="+",
+        type=_fault,
+        default=[],
+        metavar="KIND[=VALUE]",
+        help="hang-after-write-blocks=N, corrupt-block=N, chip=NAME (repeatable)",
+    )
     s.add_argument("--quiet", action="store_true", help="do not log events to stderr")
 
     f = sub.add_parser("fleet", help="run N boards in the background")
@@ -54,7 +62,14 @@ def build_parser():
     fs.add_argument("--dir", required=True)
     fs.add_argument("--mac-base", type=_mac, default="24:0a:c4:00:00:01")
     fs.add_argument("--baud-pacing", action="store_true")
-    fs.add_argument("--fault-board", action="append", default=[], metavar="I:KIND[=VALUE]")
+    fs.add_argument(
+        "--fault-board",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="I:KIND[=VALUE]",
+        help="fault for board I",
+    )
     for name, text in (("stop", "stop the boards of DIR"), ("status", "print JSON status of DIR")):
         fx = fsub.add_parser(name, help=text)
         fx.add_argument("--dir", required=True)
@@ -85,7 +100,11 @@ def cmd_serve(args):
     from .transport import Board, PtyTransport, TcpTransport
 
     log = (lambda msg: None) if args.quiet else _log_to_stderr("esp32sim: ")
-    board = Board(args.flash, mac=args.mac, faults=args.fault, baud_pacing=args.baud_pacing, log=log)
+    try:
+        board = Board(args.flash, mac=args.mac, faults=args.fault, baud_pacing=args.baud_pacing, log=log)
+    except OSError as e:
+        print(f"esp32sim: cannot use flash file {args.flash}: {e.strerror}", file=sys.stderr)
+        return 1
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -93,12 +112,20 @@ def cmd_serve(args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if args.pty:
-        transport = PtyTransport(board, args.pty)
-        print(f"esp32sim: board {args.mac} on {transport.link_path} -> {transport.slave_name}", flush=True)
-    else:
-        transport = TcpTransport(board, *args.tcp)
-        print(f"esp32sim: board {args.mac} on socket://{transport.host}:{transport.port}", flush=True)
+    try:
+        if args.pty:
+            transport = PtyTransport(board, args.pty)
+            where = f"{transport.link_path} -> {transport.slave_name}"
+        else:
+            transport = TcpTransport(board, *args.tcp)
+            where = f"socket://{transport.host}:{transport.port}"
+    except OSError as e:
+        board.close()
+        what = args.pty or f"{args.tcp[0]}:{args.tcp[1]}"
+        print(f"esp32sim: cannot open {what}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    # The first stdout line names the port: scripts and fixtures read it.
+    print(f"esp32sim: board {args.mac} on {where}", flush=True)
     try:
         transport.serve(stop)
     finally:

@@ -2,12 +2,13 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The esptool session shared by esp32_info and esp32_flash.
 
-`open_session()` is the ONE choke point where the modules reach a board: it opens the port through
-esptool's supported library API (`esptool.cmds`), uploads the stub, raises the baud rate and attaches
-the flash, yields an `Esp32Session`, and always resets (per `after`) and closes the port. Unit tests
-replace exactly this function. `esptool_call()` runs an action inside it with every esptool/pyserial
-failure translated into Esp32Error, a wall-clock deadline, and esptool's output captured through its
-logger (a module's stdout must carry nothing but its JSON result).
+`open_session()` is the ONE choke point where the modules reach a board: it connects through
+esptool's supported library API (`esptool.cmds`) and attaches the flash, yields an `Esp32Session`
+(which uploads the stub and raises the baud only when data must move), and always resets (per
+`after`) and closes the port. Unit tests replace exactly this function. `esptool_call()` runs an
+action inside it with every esptool/pyserial failure translated into Esp32Error, a wall-clock
+deadline, and esptool's output captured through its logger (a module's stdout must carry nothing but
+its JSON result).
 """
 
 from __future__ import annotations
@@ -137,11 +138,28 @@ class CaptureLogger(EspLogBase):
 
 
 class Esp32Session:
-    """A connected board. Every method talks to the board through esptool's API."""
+    """A connected board. Every method talks to the board through esptool's API.
 
-    def __init__(self, esp, stub_running):
+    It starts in the ROM bootloader at 115200 baud with the flash attached: enough for facts and
+    region MD5s. `prepare_transfer()` uploads the stub and raises the baud only when data is about to
+    move, so an idempotent rerun that writes nothing never pays for the stub upload.
+    """
+
+    def __init__(self, esp, stub, baud):
         self.esp = esp
-        self.stub = stub_running
+        self._want_stub = stub
+        self._baud = baud
+        self._prepared = False
+
+    def prepare_transfer(self):
+        if self._prepared:
+            return
+        if self._want_stub:
+            self.esp = cmds.run_stub(self.esp)  # use the object it returns: it is the stub loader
+        if self._baud != ROM_BAUD:
+            self.esp.change_baud(self._baud)
+        cmds.attach_flash(self.esp)  # the stub configures SPI again
+        self._prepared = True
 
     def info(self):
         esp = self.esp
@@ -158,7 +176,7 @@ class Esp32Session:
             mac=mac,
             flash_id=f"0x{flash_id:06x}",
             flash_size=flash_size_bytes(size_name) if size_name else None,
-            stub=self.stub,
+            stub=self.esp.IS_STUB,
         )
 
     def md5(self, offset, size):
@@ -176,16 +194,13 @@ class Esp32Session:
         )
         return dict(wire_bytes=wire, seconds=round(time.monotonic() - start, 3))
 
-    def read(self, offset, size):
-        return bytes(self.esp.read_flash(offset, size))
-
     def erase_all(self):
         cmds.erase_flash(self.esp)
 
 
 @contextlib.contextmanager
 def open_session(port, baud, before, after, chip, connect_attempts, stub):
-    """THE choke point: connect, stub, baud, attach flash; always reset per `after` and close."""
+    """THE choke point: connect and attach the flash; always reset per `after` and close the port."""
     esp = cmds.connect_esp(
         port=port,
         chip=chip,
@@ -193,16 +208,13 @@ def open_session(port, baud, before, after, chip, connect_attempts, stub):
         before=before,
         connect_attempts=connect_attempts,
     )
+    session = Esp32Session(esp, stub=stub, baud=baud)
     try:
-        if stub:
-            esp = cmds.run_stub(esp)  # use the object it returns: it is the stub loader
-        if baud != ROM_BAUD:
-            esp.change_baud(baud)
         cmds.attach_flash(esp)
-        yield Esp32Session(esp, stub_running=esp.IS_STUB)
-        cmds.reset_chip(esp, after)
+        yield session
+        cmds.reset_chip(session.esp, after)
     finally:
-        esp._port.close()  # also on failure: the next task (or a rerun) must be able to open it
+        session.esp._port.close()  # also on failure: the next task (or a rerun) must be able to open it
 
 
 class _Deadline(BaseException):  # not Exception: esptool code that catches Exception must not swallow it

@@ -164,6 +164,7 @@ def flash_images(session, params, images, check_mode, reports):
             diff_after.append(f"{where} md5={wanted} ({image.source})\n")
     changed = bool(pending)
     if changed and not check_mode:
+        session.prepare_transfer()  # stub and working baud only now: comparing needed neither
         if erase_all:
             session.erase_all()
         for image, report in pending:

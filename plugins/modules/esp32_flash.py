@@ -63,7 +63,12 @@ options:
     type: int
     default: 7
   stub:
-    description: Upload and run the flasher stub (much faster writes); V(false) talks to the ROM.
+    description:
+      - Upload and run the flasher stub for writing (much faster); V(false) writes through the ROM
+        bootloader.
+      - The stub is uploaded (and O(baud) set) only when something must be written; the comparison
+        uses the ROM's own MD5 command, so an unchanged board costs no stub upload.
+      - O(erase=all) needs the stub.
     type: bool
     default: true
   timeout:
@@ -272,6 +277,8 @@ def main():
     reports = []
     try:
         images = load_images(module.params["images"], module.params["erase"])
+        if module.params["erase"] == "all" and not module.params["stub"]:
+            raise Esp32Error("erase=all needs the flasher stub (stub: true)", kind="invalid")
         if module.params["expected_mac"]:
             normalize_mac(module.params["expected_mac"])  # a typo fails here, before the port is opened
         result = esptool_call(

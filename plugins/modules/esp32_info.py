@@ -191,6 +191,7 @@ from ansible.module_utils.esp32_flashplan import parse_int  # noqa: E402
 
 
 def read_board(session, regions):
+    session.prepare_transfer()  # honour `stub` and `baud` as documented (facts alone would not need them)
     result = session.info()
     result["regions"] = [
         dict(offset=offset, size=size, md5=session.md5(offset, size)) for offset, size in regions

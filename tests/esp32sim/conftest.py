@@ -22,10 +22,24 @@ ESP32SIM = str(BIN / "esp32sim")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
-def run_esptool(port, *args, check=True, timeout=120):
-    """Run the real esptool CLI against a port; returns the CompletedProcess (stdout+stderr)."""
+def run_esptool(port, *args, check=True, timeout=120, config=None):
+    """Run the real esptool CLI against a port; returns the CompletedProcess (stdout+stderr).
+
+    config: esptool.cfg options (e.g. a short `timeout` where a test waits for a hang).
+    """
     cmd = [ESPTOOL, "--port", port, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ)
+    if config:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
+            f.write("[esptool]\n" + "".join(f"{k} = {v}\n" for k, v in config.items()))
+        env["ESPTOOL_CFGFILE"] = f.name
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    finally:
+        if config:
+            os.unlink(env["ESPTOOL_CFGFILE"])
     proc.output = proc.stdout + proc.stderr
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.output}")

@@ -131,3 +131,39 @@ def test_boot_connect_refused(sim_factory, tmp_path, broker):
     proc = _boot(flash, "--once")
     assert proc.returncode == 5, proc.stderr
     assert "refused CONNECT" in proc.stderr
+
+
+def test_boot_times_out_on_a_silent_broker(sim_factory, tmp_path, broker):
+    """A TLS peer that never answers CONNECT: exit 6 after --timeout, not a hang."""
+    import socket
+
+    d = broker["dir"]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(d / "server.crt"), str(d / "server.key"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held = []
+
+    def accept():
+        conn, _ = listener.accept()
+        tls = ctx.wrap_socket(conn, server_side=True)
+        held.append(tls)  # read nothing, answer nothing
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        flash = _provision(sim_factory, tmp_path, _creds(broker, port=port))
+        started = time.monotonic()
+        proc = subprocess.run(
+            [ESP32SIM, "boot", "--flash", flash, "--once", "--timeout", "1"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 6, proc.stderr
+        assert "no CONNACK" in proc.stderr
+        assert time.monotonic() - started < 15
+    finally:
+        for s in held:
+            s.close()
+        listener.close()

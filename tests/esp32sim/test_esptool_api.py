@@ -19,6 +19,8 @@ from esptool.util import FatalError
 
 from .conftest import run_esptool
 
+SHORT = {"timeout": 1}  # esptool gives up on a silent board after 1 s instead of 3
+
 
 @pytest.mark.parametrize("use_stub", [True, False], ids=["stub", "no-stub"])
 def test_api_roundtrip(sim_factory, transport, use_stub):
@@ -67,7 +69,9 @@ def test_stub_left_running_until_port_reopens(sim_factory, transport):
 def test_fault_hang_after_write_blocks(sim_factory, transport, tmp_path):
     sim = sim_factory(transport, faults=["hang-after-write-blocks=2"])
     (tmp_path / "x.bin").write_bytes(random.Random(1).randbytes(64 * 1024))
-    proc = run_esptool(sim.port, "--no-stub", "write-flash", "0x10000", str(tmp_path / "x.bin"), check=False)
+    proc = run_esptool(
+        sim.port, "--no-stub", "write-flash", "0x10000", str(tmp_path / "x.bin"), check=False, config=SHORT
+    )
     assert proc.returncode != 0
     assert any(
         msg in proc.output for msg in ("Failed to write", "No serial data received", "No more data to read")

@@ -56,7 +56,7 @@ def test_get_security_info_fails_like_esp32(sim_factory, transport, stub_args):
 
 def test_write_verify_read(sim_factory, transport, stub_args):
     sim = sim_factory(transport)
-    comp = _image(96 * 1024 + 123, 1)
+    comp = _image(48 * 1024 + 123, 1)
     raw = _image(20 * 1024 + 7, 2, compressible=False)
     tmp = sim.log_path.parent
     (tmp / "comp.bin").write_bytes(comp)

@@ -57,7 +57,12 @@ def test_fleet_lifecycle(fleet_dir, tmp_path):
     # Board 1 carries its fault.
     (tmp_path / "r.bin").write_bytes(random.Random(9).randbytes(48 * 1024))  # 3 stub blocks
     hung = run_esptool(
-        str(fleet_dir / "ttyUSB1"), "write-flash", "0x9000", str(tmp_path / "r.bin"), check=False
+        str(fleet_dir / "ttyUSB1"),
+        "write-flash",
+        "0x9000",
+        str(tmp_path / "r.bin"),
+        check=False,
+        config={"timeout": 1},
     )
     assert hung.returncode != 0
     assert "board 1: fault: hanging after 1 write blocks" in (fleet_dir / "fleet.log").read_text()

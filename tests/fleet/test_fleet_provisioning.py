@@ -91,3 +91,36 @@ def test_a_pinned_mac_or_another_chip_is_refused_without_writing(fleet_project):
     for index, name in ((1, "b2"), (2, "b3")):
         assert not (project.pki / "devices" / f"{name}.crt").exists()
         assert project.nvs_region(index) == b"\xff" * 0x6000
+
+
+def test_firmware_from_the_firmware_directory_is_flashed_and_updated_alone(fleet_project, tmp_path):
+    firmware_dir = tmp_path / "firmware"
+    firmware_dir.mkdir()
+    image = firmware_dir / "0x10000_app.bin"
+    image.write_bytes(bytes(range(256)) * 256)  # 64 KiB
+    project = fleet_project({"b1": {"esp32_mac": MACS[0]}})
+    fw = ("-e", f"esp32_provision_firmware_dir={firmware_dir}")
+
+    rc, out, _ = project.run(*fw)
+    assert rc == 0, out
+    first = project.last()["b1"]
+    assert first["result"] == "provisioned"
+    assert first["firmware"][0]["offset"] == "0x10000"
+    assert project.nvs_region(0, 0x10000, 0x10000) == image.read_bytes()
+
+    rc, out, recap = project.run(*fw)
+    assert rc == 0, out
+    assert project.last()["b1"]["result"] == "unchanged"
+    assert recap["b1"]["changed"] == 0
+
+    # A new firmware build: only the firmware is written, the credentials (and certificate) stay.
+    image.write_bytes(bytes(reversed(range(256))) * 256)
+    rc, out, recap = project.run(*fw)
+    assert rc == 0, out
+    third = project.last()["b1"]
+    assert third["result"] == "provisioned"
+    assert third["reason"] == "firmware 0x10000_app.bin differs"
+    assert third["cert_serial"] == first["cert_serial"]
+    assert third["nvs_md5"] == first["nvs_md5"]
+    assert project.nvs_region(0, 0x10000, 0x10000) == image.read_bytes()
+    assert first["cert_serial"] not in (project.pki / "ca" / "revoked.yml").read_text()

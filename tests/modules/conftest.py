@@ -67,6 +67,7 @@ class FakeBoard:
         self.closed = 0
         self.session_args = None
         self.log_noise = True
+        self.stub_running = False  # a session starts in the ROM bootloader
 
     def _call(self, name):
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -74,6 +75,10 @@ class FakeBoard:
             raise self.fail[name]
 
     # The Esp32Session interface -------------------------------------------------------------
+    def prepare_transfer(self):
+        self._call("prepare_transfer")
+        self.stub_running = self.session_args["stub"]
+
     def info(self):
         self._call("info")
         if self.log_noise:  # esptool prints through its logger: it must never reach stdout
@@ -89,7 +94,7 @@ class FakeBoard:
             mac=self.mac,
             flash_id="0x1640ef",
             flash_size=self.flash_size,
-            stub=self.session_args["stub"],
+            stub=self.stub_running,
         )
 
     def md5(self, offset, size):
@@ -97,6 +102,7 @@ class FakeBoard:
         return hashlib.md5(self.flash[offset : offset + size]).hexdigest()
 
     def write(self, offset, data, compress):
+        assert self.calls.get("prepare_transfer"), "data moved before the stub/baud were set up"
         self._call("write")
         if self.write_delay:
             time.sleep(self.write_delay)
@@ -109,11 +115,8 @@ class FakeBoard:
         self.flash[offset : offset + len(data)] = stored
         return dict(wire_bytes=len(data), seconds=0.001)
 
-    def read(self, offset, size):
-        self._call("read")
-        return bytes(self.flash[offset : offset + size])
-
     def erase_all(self):
+        assert self.calls.get("prepare_transfer"), "erase_all needs the stub"
         self._call("erase_all")
         self.flash[:] = b"\xff" * self.flash_size
 

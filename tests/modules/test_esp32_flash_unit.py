@@ -279,3 +279,16 @@ def test_malformed_expected_mac_fails_before_connecting(board, run_module, image
     result = run_module("esp32_flash", args(images, expected_mac="24:0a:c4:00:00"))
     assert result["failed"] is True and result["kind"] == "invalid"
     assert board.opened == 0
+
+
+def test_unchanged_board_costs_no_stub_upload(board, run_module, images):
+    run_module("esp32_flash", args(images))
+    assert board.calls["prepare_transfer"] == 1
+    run_module("esp32_flash", args(images))
+    assert board.calls["prepare_transfer"] == 1  # the rerun compared MD5s through the ROM only
+
+
+def test_erase_all_without_stub_is_refused(board, run_module, images):
+    result = run_module("esp32_flash", args(images, erase="all", stub=False))
+    assert result["failed"] is True and "stub" in result["msg"]
+    assert board.opened == 0

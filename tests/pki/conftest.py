@@ -171,6 +171,8 @@ def issued(tmp_path_factory):
     for args in (["--check", "--diff"], [], ["--check", "--diff"], []):
         runs.append(pki.run(*args))
         assert runs[-1].rc == 0, runs[-1].output[-4000:]
+        if len(runs) == 1:  # check mode on a fresh tree must not write anything
+            assert not pki.pki.exists()
     return pki, runs
 
 

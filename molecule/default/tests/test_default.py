@@ -6,6 +6,7 @@ Every check is against the live broker: handshakes, MQTT CONNACK/SUBACK/PUBACK r
 
 import contextlib
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -166,10 +167,11 @@ def test_tls_listeners_listen_and_plaintext_is_loopback_only(host):
     assert plain == ["tcp://127.0.0.1:1883"]
 
 
-def test_broker_runs_with_its_openssl_config(host):
-    pid = host.check_output("systemctl show -p MainPID --value mosquitto")
-    environ = host.file(f"/proc/{pid}/environ").content.split(b"\0")
-    assert b"OPENSSL_CONF=/etc/mosquitto/openssl.cnf" in environ
+def test_broker_unit_gets_its_openssl_config(host):
+    # The environment of the unit (the broker's own /proc/PID/environ is unreadable without
+    # CAP_SYS_PTRACE); the groups test below proves the effect.
+    environment = host.check_output("systemctl show -p Environment --value mosquitto").split()
+    assert "OPENSSL_CONF=/etc/mosquitto/openssl.cnf" in environment
 
 
 # --- TLS -----------------------------------------------------------------------------------------
@@ -189,7 +191,9 @@ def test_openssl_s_client_verifies_chain_and_hostname(ports):
          "-verify_return_error", "-verify_hostname", "localhost", "-cert", str(cert), "-key", str(key)],
         input="", capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
-    assert "Verify return code: 0 (ok)" in result.stdout, result.stdout + result.stderr
+    # "Verify return code" alone is printed even when no certificate arrived: require the handshake.
+    assert "Server certificate" in result.stdout and "Verification: OK" in result.stdout, result.stdout
+    assert "Verify return code: 0 (ok)" in result.stdout
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
@@ -215,15 +219,23 @@ def test_client_certificate_from_another_ca_is_refused(ports, version):
 
 def test_key_exchange_groups_outside_mozilla_intermediate_are_refused(ports):
     cert, key = device("esp32-dev-a")
-    outcome = {}
+    negotiated = {}
     for group in ("X448", "secp521r1", "X25519", "P-256", "P-384"):
         result = subprocess.run(
             ["openssl", "s_client", "-connect", f"127.0.0.1:{ports[8883]}", "-CAfile", str(CA),
              "-groups", group, "-cert", str(cert), "-key", str(key)],
             input="", capture_output=True, text=True, timeout=TIMEOUT,
         )  # fmt: skip
-        outcome[group] = "Verify return code: 0 (ok)" in result.stdout
-    assert outcome == {"X448": False, "secp521r1": False, "X25519": True, "P-256": True, "P-384": True}
+        # Printed only after a completed handshake: "X25519, 253 bits" or "ECDH, prime256v1, 256 bits".
+        temp_key = re.search(r"Server Temp Key: ([^\n]+)", result.stdout)
+        negotiated[group] = temp_key.group(1).split(", ")[-2] if temp_key else None
+    assert negotiated == {
+        "X448": None,
+        "secp521r1": None,
+        "X25519": "X25519",
+        "P-256": "prime256v1",
+        "P-384": "secp384r1",
+    }
 
 
 def test_sslyze_reports_mozilla_intermediate_compliance(ports):
@@ -234,7 +246,7 @@ def test_sslyze_reports_mozilla_intermediate_compliance(ports):
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "Compliant" in result.stdout
+    assert f"localhost:{ports[8883]}: OK - Compliant" in result.stdout
 
 
 # --- MQTT ----------------------------------------------------------------------------------------

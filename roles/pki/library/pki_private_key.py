@@ -117,6 +117,11 @@ size:
   returned: success
   type: int
   sample: 256
+public_key:
+  description: The public key (PEM SubjectPublicKeyInfo); null in check mode when a key would be created.
+  returned: success
+  type: str
+  sample: "-----BEGIN PUBLIC KEY-----..."
 public_key_sha256:
   description:
     - SHA-256 of the DER SubjectPublicKeyInfo, colon-separated hex.
@@ -147,6 +152,14 @@ def describe(key):
     if isinstance(key, rsa.RSAPrivateKey):
         return "RSA", None, key.key_size
     return type(key).__name__, None, getattr(key, "key_size", None)
+
+
+def public_pem(key):
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def fingerprint(key):
@@ -262,12 +275,15 @@ def main():
     result = {"changed": changed, "reason": reason}
     if key is not None and (not changed or not module.check_mode):
         kind, curve, size = describe(key)
-        result.update(type=kind, curve=curve, size=size, public_key_sha256=fingerprint(key))
+        result.update(
+            type=kind, curve=curve, size=size, public_key=public_pem(key), public_key_sha256=fingerprint(key)
+        )
     else:
         result.update(
             type=want[0],
             curve=want[1],
             size=want_size or int(want[1][4:7]),
+            public_key=None,
             public_key_sha256=None,
         )
     if os.path.exists(path):

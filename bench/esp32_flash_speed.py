@@ -3,7 +3,7 @@
 
 Not a test (pytest does not collect it): it prints numbers. Run from the repository root:
 
-    .venv/bin/python tests/modules/bench_esp32_flash.py [--repeat N]
+    .venv/bin/python bench/esp32_flash_speed.py [--repeat N]
 
 For each transport (pty, TCP) and pacing (off, --baud-pacing at the module's 460800 baud) it starts
 a fresh simulated board, then runs one esp32_flash task through ansible-playbook twice with a ~1 MiB
@@ -25,7 +25,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -110,6 +110,9 @@ def main():
             f"images: app {app.stat().st_size} B at 0x10000, nvs {nvs.stat().st_size} B at 0x9000; "
             "baud 460800 (the module default)"
         )
+        # What any module costs here (AnsiballZ, interpreter start-up): the floor under every number below.
+        floor = statistics.median(playbook(tmp, [dict(**{"ansible.builtin.ping": {}})])[0] for _ in range(3))
+        print(f"ansible.builtin.ping task on this machine: {floor:.2f} s")
         header = f"{'transport':9} {'pacing':6} {'first write s':>13} {'rerun s':>8} {'app write s':>11} "
         print(header + f"{'app wire B':>10} {'nvs write s':>11} {'nvs wire B':>10}")
         for transport in ("pty", "tcp"):
