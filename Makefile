@@ -13,6 +13,7 @@ export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 IMAGE_BOOKWORM := localhost/esp32-fleet-debian:bookworm
+IMAGE_TRIXIE := localhost/esp32-fleet-debian:trixie
 # openssl for the PKI checks; mosquitto + clients run throwaway brokers in pytest; podman, runc and
 # debootstrap for Molecule's containers.
 SITE_DEBS := openssl
@@ -43,6 +44,7 @@ system-deps-test:
 
 image: system-deps-test
 	scripts/build-image.sh bookworm $(IMAGE_BOOKWORM)
+	scripts/build-image.sh trixie $(IMAGE_TRIXIE)
 
 lint: venv
 	$(BIN)/yamllint -s .
