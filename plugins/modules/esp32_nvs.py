@@ -113,14 +113,14 @@ keys:
   sample: [mqtt.broker_uri, mqtt.device_id, wifi.ssid]
 """
 
-import hashlib  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
+import hashlib
+import os
+import tempfile
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
-from ansible.module_utils.esp32_errors import Esp32Error  # noqa: E402
-from ansible.module_utils.esp32_esptool import md5_hex  # noqa: E402
-from ansible.module_utils.esp32_nvsbuild import (  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.esp32_errors import Esp32Error
+from ansible.module_utils.esp32_esptool import md5_hex
+from ansible.module_utils.esp32_nvsbuild import (
     HAS_NVSGEN,
     NVSGEN_IMPORT_ERROR,
     NVSGEN_REQUIREMENT,

@@ -86,8 +86,8 @@ summary:
     failed: [{device_id: esp32-sim-02, reason: MAC mismatch}]
 """
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible.module_utils.fleet_manifest import (  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.fleet_manifest import (
     ManifestError,
     append_rows,
     load_rows,

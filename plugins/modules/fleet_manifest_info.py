@@ -55,8 +55,8 @@ last_success:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible.module_utils.fleet_manifest import ManifestError, last_rows, load_rows  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.fleet_manifest import ManifestError, last_rows, load_rows
 
 
 def main():

@@ -110,12 +110,12 @@ seconds:
   type: float
 """
 
-import ssl  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import ssl
+import subprocess
+import threading
+import time
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
     import paho.mqtt.client as mqtt

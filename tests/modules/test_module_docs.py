@@ -7,12 +7,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 import yaml
 from ansible.module_utils import basic
+from ansible.utils.plugin_docs import merge_fragment
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ["esp32_info", "esp32_flash", "esp32_nvs"]
+
+
+def documentation(module):
+    """DOCUMENTATION with its doc fragments merged in, the way ansible-doc merges them."""
+    doc = yaml.safe_load(module.DOCUMENTATION)
+    for name in doc.pop("extends_documentation_fragment", []):
+        path = ROOT / "plugins" / "doc_fragments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"doc_fragment_{name}", path)
+        fragment_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fragment_module)
+        fragment = yaml.safe_load(fragment_module.ModuleDocFragment.DOCUMENTATION)
+        merge_fragment(doc.setdefault("options", {}), fragment["options"])
+    return doc
 
 
 class _Captured(Exception):
@@ -63,7 +79,7 @@ def compare(doc_options, spec, where):
 @pytest.mark.parametrize("name", MODULES)
 def test_documentation_options_match_argument_spec(name, monkeypatch, module_loader):
     module, spec, kwargs = captured_spec(module_loader, name, monkeypatch)
-    doc = yaml.safe_load(module.DOCUMENTATION)
+    doc = documentation(module)
     assert doc["module"] == name
     problems = list(compare(doc["options"], spec, ""))
     assert problems == []

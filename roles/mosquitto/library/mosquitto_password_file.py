@@ -94,14 +94,14 @@ removed:
   elements: str
 """
 
-import base64  # noqa: E402
-import hashlib  # noqa: E402
-import hmac  # noqa: E402
-import os  # noqa: E402
-import secrets  # noqa: E402
-import tempfile  # noqa: E402
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
 
 SALT_BYTES = 12
 HASH_PREFIX = "$7$"
