@@ -17,7 +17,8 @@ IMAGE_TRIXIE := localhost/esp32-fleet-debian:trixie
 # openssl for the PKI checks; mosquitto + clients run throwaway brokers in pytest; podman, runc and
 # debootstrap for Molecule's containers.
 SITE_DEBS := openssl
-TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns
+# openssh-client: Molecule's station scenario reaches its station container over real SSH.
+TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client
 
 .PHONY: site test venv lint pytest molecule image system-deps-site system-deps-test bench clean
 
@@ -59,9 +60,19 @@ pytest: venv
 molecule: venv image
 	$(BIN)/molecule test --all
 
-bench: venv
-	$(BIN)/python bench/esp32sim_speed.py
-	$(BIN)/python bench/esp32_flash_speed.py
+# Issue 8 benchmarks (bench/README in the README's Benchmarks section). Every script writes into
+# bench/results/; the report is assembled even if one failed, then the target fails. converge.py
+# reconfigures this machine's broker with a throwaway CA, like `make site` would: run `make site`
+# afterwards to restore the project's own PKI.
+bench: venv system-deps-test
+	mkdir -p bench/results
+	rc=0; \
+	$(BIN)/python bench/converge.py || rc=1; \
+	$(BIN)/python bench/fleet_scale.py --provision-counts 1,4,16 --provision-bauds 921600 || rc=1; \
+	$(BIN)/python bench/broker_load.py || rc=1; \
+	$(BIN)/python bench/esp32sim_speed.py --repeat 1 --size 262144 | tee bench/results/esp32sim_speed.txt || rc=1; \
+	$(BIN)/python bench/report.py || rc=1; \
+	exit $$rc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

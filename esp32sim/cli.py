@@ -51,7 +51,8 @@ def build_parser():
         type=_fault,
         default=[],
         metavar="KIND[=VALUE]",
-        help="hang-after-write-blocks=N, corrupt-block=N, chip=NAME (repeatable)",
+        help="hang-after-write-blocks=N, corrupt-block=N, unplug-after-write-blocks=N, chip=NAME"
+        " (repeatable)",
     )
     s.add_argument("--quiet", action="store_true", help="do not log events to stderr")
 

@@ -80,6 +80,11 @@ def _checksum(data: bytes) -> int:
     return state
 
 
+# Bytes of the interrupted block that reach the flash before an unplug (four 256-byte flash pages):
+# little enough to cut any real image short, e.g. the certificates at the start of an NVS partition.
+UNPLUG_WRITTEN = 1024
+
+
 class Session:
     """One power-on of a simulated ESP32 (ROM bootloader, then optionally the flasher stub)."""
 
@@ -93,6 +98,8 @@ class Session:
         self.stub = False
         self.running_app = False  # left the bootloader: deaf until the next reset
         self.hung = False  # fault injection: stopped answering
+        self.unplugged = False  # fault injection: the transport must make the port vanish
+        self.unplug_armed = self.faults.unplug_after_write_blocks is not None
         self.baud = 115200
         self.pending_baud = None
         self.write_blocks = 0
@@ -105,10 +112,10 @@ class Session:
 
     # -- bytes in, bytes out -------------------------------------------------------------
     def feed(self, data: bytes):
-        if self.running_app or self.hung:
+        if self.running_app or self.hung or self.unplugged:
             return
         for kind, value in self.decoder.feed(data):
-            if self.hung or self.running_app:
+            if self.hung or self.running_app or self.unplugged:
                 return
             if kind == "error":
                 self.log(f"framing error: {value}")
@@ -355,9 +362,20 @@ class Session:
                 raise CommandError(ROM_DEFLATE_ERR, STUB_INFLATE_ERROR, f"inflate: {e}") from None
         else:
             plain = block
+        if self.unplug_armed and self.write_blocks > faults.unplug_after_write_blocks:
+            # The first KiB of this block reaches the flash, then the power and the port are gone.
+            self.log(f"fault: unplugged while writing block {self.write_blocks}")
+            self._program(state, plain[:UNPLUG_WRITTEN])
+            self.unplugged = True
+            return None
         if faults.corrupt_block is not None and self.write_blocks == faults.corrupt_block and plain:
             self.log(f"fault: flipping a bit in write block {self.write_blocks}")
             plain = bytes([plain[0] ^ 0x01]) + plain[1:]
+        self._program(state, plain)
+        state["seq"] += 1
+        return 0, b""
+
+    def _program(self, state, plain):
         addr = state["offset"] + state["written"]
         if not self.flash.check(addr, len(plain)):
             raise CommandError(ROM_FLASH_WRITE_ERR, STUB_TOO_MUCH_DATA, "write past end of flash")
@@ -369,8 +387,6 @@ class Session:
                 state["erased_to"] = new_end
         self.flash.program(addr, plain)
         state["written"] += len(plain)
-        state["seq"] += 1
-        return 0, b""
 
     def _op_03(self, data, chk):  # FLASH_DATA
         return self._data(data, chk, compressed=False)

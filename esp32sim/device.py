@@ -126,8 +126,12 @@ class Faults:
     hang_after_write_blocks: int | None = None
     corrupt_block: int | None = None
     chip: str = "esp32"
+    # A USB-serial adapter pulled while writing: N blocks land whole, 1 KiB of the next one does, then
+    # the port vanishes. It happens once per board: a replug (`esp32sim fleet start`) brings back a
+    # board that stays plugged in.
+    unplug_after_write_blocks: int | None = None
 
-    KINDS = ("hang-after-write-blocks", "corrupt-block", "chip")
+    KINDS = ("hang-after-write-blocks", "corrupt-block", "chip", "unplug-after-write-blocks")
 
     @classmethod
     def parse(cls, specs) -> "Faults":
@@ -136,6 +140,8 @@ class Faults:
             kind, _, value = spec.partition("=")
             if kind == "hang-after-write-blocks":
                 faults.hang_after_write_blocks = _positive_int(kind, value, allow_zero=True)
+            elif kind == "unplug-after-write-blocks":
+                faults.unplug_after_write_blocks = _positive_int(kind, value, allow_zero=True)
             elif kind == "corrupt-block":
                 faults.corrupt_block = _positive_int(kind, value)
             elif kind == "chip":

@@ -23,6 +23,8 @@ PIDFILE = "fleet.pid"
 LOGFILE = "fleet.log"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+# `fleet start` on a running fleet with unplugged boards asks the daemon to plug them back in.
+REPLUG_SIGNAL = signal.SIGUSR1
 
 
 def _paths(d):
@@ -120,6 +122,8 @@ def start(args) -> int:
                 f"esp32sim fleet: already running ({len(cfg['boards'])} boards in {d}, pid {current['pid']})"
             )
             return 0
+        if running == cfg:
+            return _replug(d, current)
         print(
             f"esp32sim fleet: a different fleet is running in {d} (pid {current['pid']}); "
             "stop it first with `esp32sim fleet stop --dir DIR`",
@@ -159,6 +163,22 @@ def start(args) -> int:
     return 1
 
 
+def _replug(d, current) -> int:
+    """Plug the unplugged boards of a running fleet back in (the daemon re-creates their ports)."""
+    pulled = [b["index"] for b in current["boards"] if not b["alive"]]
+    os.kill(current["pid"], REPLUG_SIGNAL)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        now = status(d)
+        if now["alive"] and all(b["alive"] for b in now["boards"]):
+            names = ", ".join(str(i) for i in pulled)
+            print(f"esp32sim fleet: replugged board(s) {names} in {d} (pid {current['pid']})")
+            return 0
+        time.sleep(0.05)
+    print(f"esp32sim fleet: board(s) {pulled} in {d} did not come back; see {LOGFILE}", file=sys.stderr)
+    return 1
+
+
 def stop(args) -> int:
     d = os.path.abspath(args.dir)
     _, pidfile, _ = _paths(d)
@@ -187,8 +207,10 @@ def run_daemon(args) -> int:
     with open(cfg_path) as f:
         cfg = json.load(f)
     stop_event = threading.Event()
+    replug = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop_event.set())
     signal.signal(signal.SIGINT, lambda *a: stop_event.set())
+    signal.signal(REPLUG_SIGNAL, lambda *a: replug.set())
     transports, boards, threads = [], [], []
     try:
         for b in cfg["boards"]:
@@ -211,8 +233,18 @@ def run_daemon(args) -> int:
         os.replace(tmp, pidfile)
         print(f"fleet ready: {len(boards)} boards", file=sys.stderr, flush=True)
         while not stop_event.is_set():
-            stop_event.wait(0.5)
-            if not all(th.is_alive() for th in threads):
+            stop_event.wait(0.1)
+            if replug.is_set():
+                replug.clear()
+                for i, t in enumerate(transports):
+                    if t.unplugged:
+                        transports[i] = PtyTransport(boards[i], t.link_path)
+                        th = threading.Thread(target=transports[i].serve, args=(stop_event,), daemon=True)
+                        th.start()
+                        threads[i] = th
+                        print(f"board {i}: plugged in again", file=sys.stderr, flush=True)
+            # An unplugged board's thread ends on purpose; any other end is a crash.
+            if any(not th.is_alive() and not t.unplugged for th, t in zip(threads, transports, strict=True)):
                 print("a board thread died; stopping the fleet", file=sys.stderr, flush=True)
                 return 1
         return 0

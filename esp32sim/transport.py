@@ -37,11 +37,15 @@ class Board:
         self.baud_pacing = baud_pacing
         self.log = log or (lambda msg: None)
         self.resets = 0
+        self.unplugs = 0  # times the unplug fault pulled this board's port
 
     def power_on(self) -> Session:
         self.resets += 1
         self.log(f"power-on reset #{self.resets}: ROM bootloader waiting for download")
-        return Session(self.flash, self.regs, self.faults, log=self.log)
+        session = Session(self.flash, self.regs, self.faults, log=self.log)
+        # Pulled once, replugged, and left alone: a rerun after the replug must be able to finish.
+        session.unplug_armed = session.unplug_armed and self.unplugs == 0
+        return session
 
     def close(self):
         self.flash.close()
@@ -166,6 +170,7 @@ class PtyTransport:
     def __init__(self, board, link_path):
         self.board = board
         self.link_path = os.path.abspath(link_path)
+        self.unplugged = False
         self.master, slave = os.openpty()
         # Raw mode, so nothing echoes back before esptool configures the port itself.
         tty.setraw(slave)
@@ -214,8 +219,18 @@ class PtyTransport:
                 link.session = None  # hung up: the board idles until the next open
                 continue
             link.process()
+            if link.session.unplugged:
+                self.unplug()
+                return
             if self.master in w and not link.on_writable():
                 link.session = None
+
+    def unplug(self):
+        """The adapter is pulled: the port's path and its pty disappear; the opener gets a hang-up."""
+        self.board.unplugs += 1
+        self.board.log(f"unplugged: {self.link_path} is gone until the board is plugged in again")
+        self.unplugged = True
+        self.close()
 
     def _fallback_wait(self, link, stop):
         while not stop.is_set():
@@ -234,6 +249,10 @@ class PtyTransport:
             return
 
     def close(self):
+        # Idempotent (an unplugged port is closed again at shutdown): an fd closed twice could be
+        # another board's by then.
+        if self.master < 0:
+            return
         with contextlib.suppress(FileNotFoundError):
             if os.path.islink(self.link_path) and os.readlink(self.link_path) == self.slave_name:
                 os.unlink(self.link_path)
@@ -241,6 +260,7 @@ class PtyTransport:
             self.inotify.close()
         with contextlib.suppress(OSError):
             os.close(self.master)
+        self.master = -1
 
 
 class TcpTransport:
@@ -277,6 +297,10 @@ class TcpTransport:
             if r and not link.on_readable():
                 return
             link.process()
+            if link.session.unplugged:
+                self.board.unplugs += 1
+                self.board.log("unplugged: the TCP connection drops")
+                return
             if w and not link.on_writable():
                 return
 

@@ -53,7 +53,7 @@ _PATTERNS = (
         "connection_lost",
         re.compile(
             r"Timed out waiting for packet|Serial data stream stopped|device reports readiness"
-            r"|No more data to read",
+            r"|No more data to read|Input/output error|Errno 5\b",
             re.I,
         ),
     ),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import signal
 import time
 import traceback
@@ -250,6 +251,8 @@ def esptool_call(params, action):
     previous = EspLog.instance
     log.set_logger(logger)
     stdout = io.StringIO()
+    connected = False
+    present = _port_present(params["port"])
     try:
         with (
             contextlib.redirect_stdout(stdout),
@@ -264,6 +267,7 @@ def esptool_call(params, action):
                 stub=params["stub"],
             ) as session,
         ):
+            connected = True
             return action(session)
     except _Deadline:
         raise Esp32Error(
@@ -277,6 +281,16 @@ def esptool_call(params, action):
         raise
     except (FatalError, serial.SerialException, OSError) as e:
         err = classify(e)
+        if connected and present and not _port_present(params["port"]):
+            # A USB-serial adapter that is pulled takes its device node with it: say so, rather than
+            # the EIO/"could not configure port" that pyserial reports on the dead descriptor.
+            err = Esp32Error(
+                f"serial port {params['port']} disappeared while the board was being written or read: it was "
+                "disconnected mid-operation (USB cable pulled, hub reset or power lost); reconnect it and "
+                f"rerun, only what is missing is redone (esptool: {err.msg})",
+                kind="connection_lost",
+                esptool_error=type(e).__name__,
+            )
         err.details["log"] = logger.tail()
         raise err from None
     except Exception as e:  # anything else esptool raises must still end the task cleanly
@@ -288,6 +302,11 @@ def esptool_call(params, action):
         ) from None
     finally:
         EspLog.instance = previous  # unit tests run many calls in one process
+
+
+def _port_present(port):
+    """True when the port is a device path (not a pyserial URL such as socket://) that exists."""
+    return "://" not in port and os.path.exists(port)
 
 
 def md5_hex(data):

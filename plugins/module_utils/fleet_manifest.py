@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None
 
 MANIFEST_VERSION = 1
-RESULTS = ("provisioned", "unchanged", "failed")
+RESULTS = ("provisioned", "unchanged", "failed", "revoked")
 # CSV column order (JSON rows carry the same keys).
 FIELDS = (
     "run_id",
@@ -204,8 +204,9 @@ def last_rows(rows, results=None):
 
 
 def summarize(rows):
-    """Group rows by result: {'provisioned': [ids], 'unchanged': [ids], 'failed': [{device_id, reason}]}."""
-    summary = {"provisioned": [], "unchanged": [], "failed": []}
+    """Group rows by result: {'provisioned': [ids], 'unchanged': [ids], 'revoked': [ids],
+    'failed': [{device_id, reason}]}."""
+    summary = {"provisioned": [], "unchanged": [], "revoked": [], "failed": []}
     for row in rows:
         result = row.get("result")
         if result == "failed":

@@ -25,7 +25,7 @@ options:
   rows:
     description:
       - Rows to append. Keys are the manifest fields (C(device_id) and C(result) are required;
-        C(result) is one of C(provisioned), C(unchanged), C(failed)).
+        C(result) is one of C(provisioned), C(unchanged), C(failed), C(revoked)).
       - C(firmware) is a list of mappings (C(offset), C(sha256), ...).
     type: list
     elements: dict
@@ -83,6 +83,7 @@ summary:
   sample:
     provisioned: [esp32-sim-01]
     unchanged: []
+    revoked: []
     failed: [{device_id: esp32-sim-02, reason: MAC mismatch}]
 """
 

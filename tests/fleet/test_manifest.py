@@ -109,12 +109,14 @@ def test_last_rows_and_summary():
         row("b2"),
         row("b2", "failed", reason="flash verify failed"),
         row("b1", "unchanged"),
+        row("b3", "revoked", reason="certificate revoked"),
     ]
     assert fm.last_rows(rows)["b2"]["result"] == "failed"
     assert fm.last_rows(rows, ("provisioned", "unchanged"))["b2"]["result"] == "provisioned"
     assert fm.summarize(rows[2:]) == {
         "provisioned": [],
         "unchanged": ["b1"],
+        "revoked": ["b3"],
         "failed": [{"device_id": "b2", "reason": "flash verify failed"}],
     }
 

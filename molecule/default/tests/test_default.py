@@ -11,11 +11,9 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
@@ -80,73 +78,6 @@ def handshake(port, ctx, read=False):
             with contextlib.suppress(TimeoutError):
                 tls.recv(1)
         return info
-
-
-class Mqtt:
-    """A small synchronous MQTT v5 client: reason codes of CONNACK, SUBACK and PUBACK, and messages."""
-
-    def __init__(self, port, cert=None, username=None, password=None, tls=True):
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
-        )
-        if tls:
-            certfile, keyfile = (str(cert[0]), str(cert[1])) if cert else (None, None)
-            self.client.tls_set(ca_certs=str(CA), certfile=certfile, keyfile=keyfile)
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.port = port
-        self.connected = threading.Event()
-        self.acked = {}
-        self.messages = []
-        self.connack = None
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_publish = self._on_publish
-        self.client.on_message = lambda c, u, msg: self.messages.append((msg.topic, msg.payload))
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        self.connack = reason_code
-        self.connected.set()
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        self.acked[mid] = reason_codes
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties):
-        self.acked[mid] = reason_code
-
-    def __enter__(self):
-        self.client.connect("localhost", self.port)
-        self.client.loop_start()
-        assert self.connected.wait(TIMEOUT), "no CONNACK"
-        return self
-
-    def __exit__(self, *exc):
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def _wait(self, mid):
-        event = threading.Event()
-        for _ in range(TIMEOUT * 20):
-            if mid in self.acked:
-                return self.acked[mid]
-            event.wait(0.05)
-        raise AssertionError(f"no acknowledgement for message id {mid}")
-
-    def subscribe(self, topic):
-        _, mid = self.client.subscribe(topic, qos=1)
-        return self._wait(mid)[0]
-
-    def publish(self, topic, payload):
-        return self._wait(self.client.publish(topic, payload, qos=1).mid)
-
-
-def wait_for(predicate):
-    event = threading.Event()
-    for _ in range(TIMEOUT * 10):
-        if predicate():
-            return True
-        event.wait(0.1)
-    return False
 
 
 # --- service and sockets -------------------------------------------------------------------------
@@ -252,24 +183,24 @@ def test_sslyze_reports_mozilla_intermediate_compliance(ports):
 # --- MQTT ----------------------------------------------------------------------------------------
 
 
-def test_device_uses_its_own_topic_root_only(ports):
-    with Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a:
+def test_device_uses_its_own_topic_root_only(ports, kit):
+    with kit.Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a:
         assert dev_a.connack == 0
         assert dev_a.subscribe("devices/esp32-dev-a/#") == 1  # granted QoS 1
         assert dev_a.publish("devices/esp32-dev-a/temperature", b"21.5") == 0
-        assert wait_for(lambda: ("devices/esp32-dev-a/temperature", b"21.5") in dev_a.messages)
+        assert kit.wait_for(lambda: ("devices/esp32-dev-a/temperature", b"21.5") in dev_a.messages)
         # Another device's topic root: PUBACK 0x87 "not authorized".
         assert dev_a.publish("plant/line-2/esp32-dev-b/temperature", b"spoofed") == 135
         assert dev_a.publish("devices/esp32-dev-b/temperature", b"spoofed") == 135
 
 
-def test_device_cannot_read_other_devices_but_the_monitor_can(ports):
+def test_device_cannot_read_other_devices_but_the_monitor_can(ports, kit):
     # mosquitto 2.0 grants a SUBACK for any filter and applies the ACL to every delivered message,
     # so the proof is which messages arrive.
     with (
-        Mqtt(ports[8884], username="fleet-monitor", password=MONITOR_PASSWORD) as monitor,
-        Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a,
-        Mqtt(ports[8883], cert=device("esp32-dev-b")) as dev_b,
+        kit.Mqtt(ports[8884], username="fleet-monitor", password=MONITOR_PASSWORD) as monitor,
+        kit.Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a,
+        kit.Mqtt(ports[8883], cert=device("esp32-dev-b")) as dev_b,
     ):
         assert monitor.connack == 0
         for topic in ("plant/#", "devices/#"):
@@ -277,9 +208,9 @@ def test_device_cannot_read_other_devices_but_the_monitor_can(ports):
             assert dev_a.subscribe(topic) == 1
         assert dev_b.publish("plant/line-2/esp32-dev-b/humidity", b"40") == 0
         assert dev_a.publish("devices/esp32-dev-a/humidity", b"41") == 0
-        assert wait_for(lambda: ("plant/line-2/esp32-dev-b/humidity", b"40") in monitor.messages)
-        assert wait_for(lambda: ("devices/esp32-dev-a/humidity", b"41") in monitor.messages)
-        assert wait_for(lambda: ("devices/esp32-dev-a/humidity", b"41") in dev_a.messages)
+        assert kit.wait_for(lambda: ("plant/line-2/esp32-dev-b/humidity", b"40") in monitor.messages)
+        assert kit.wait_for(lambda: ("devices/esp32-dev-a/humidity", b"41") in monitor.messages)
+        assert kit.wait_for(lambda: ("devices/esp32-dev-a/humidity", b"41") in dev_a.messages)
         assert ("plant/line-2/esp32-dev-b/humidity", b"40") not in dev_a.messages
         # The monitor may read only.
         assert monitor.publish("devices/esp32-dev-a/cmd", b"x") == 135
@@ -288,8 +219,8 @@ def test_device_cannot_read_other_devices_but_the_monitor_can(ports):
 @pytest.mark.parametrize(
     "username,password", [(None, None), ("fleet-monitor", "wrong"), ("retired-dashboard", "x")]
 )
-def test_password_listener_refuses_anonymous_and_bad_credentials(ports, username, password):
-    client = Mqtt(ports[8884], username=username, password=password)
+def test_password_listener_refuses_anonymous_and_bad_credentials(ports, kit, username, password):
+    client = kit.Mqtt(ports[8884], username=username, password=password)
     with client:
         assert client.connack != 0
         assert client.connack.is_failure
@@ -300,6 +231,65 @@ def test_plaintext_loopback_listener_refuses_anonymous_connect(host):
     result = host.run("timeout 5 mosquitto_sub -h 127.0.0.1 -p 1883 -t devices/# -C 1 -W 2")
     assert result.rc != 0
     assert "not authorised" in (result.stderr + result.stdout).lower()
+
+
+# --- persistence ---------------------------------------------------------------------------------
+
+
+def persistent_subscriber(kit, ports, client_id):
+    """fleet-monitor with a session that outlives its connection, as device firmware keeps one: MQTT v5
+    clean_start false and a session expiry of 1 h (mosquitto 2.0 persists only such sessions)."""
+    return kit.Mqtt(
+        ports[8884], username="fleet-monitor", password=MONITOR_PASSWORD,
+        client_id=client_id, clean_start=False, session_expiry=3600,
+    )  # fmt: skip
+
+
+def test_broker_saves_its_database(host):
+    conf = host.file("/etc/mosquitto/mosquitto.conf").content_string.splitlines()
+    assert "persistence true" in conf
+    assert "persistence_location /var/lib/mosquitto/" in conf
+    assert "autosave_interval 60" in conf
+
+
+def queued_delivery_is_broken(host):
+    """mosquitto 2.0.12 and later drop QoS 1/2 messages for offline clients when per_listener_settings
+    is true (the ACL check has no listener for them): eclipse-mosquitto/mosquitto#2618, open."""
+    version = host.check_output("mosquitto -h | head -n 1").split()[-1]
+    return tuple(int(part) for part in version.split(".")) >= (2, 0, 12)
+
+
+def test_retained_and_queued_messages_survive_a_broker_restart(host, ports, kit, request):
+    client_id = f"persist-{uuid.uuid4().hex[:8]}"
+    topic, retained_topic = "devices/esp32-dev-a/queued", "devices/esp32-dev-a/status"
+    payload = uuid.uuid4().hex.encode()
+    with persistent_subscriber(kit, ports, client_id) as sub:
+        assert sub.subscribe(topic) == 1
+    # The subscriber is offline: its QoS 1 message is queued in its session.
+    with kit.Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a:
+        assert dev_a.publish(topic, payload) == 0
+        # 16 "no matching subscribers" is a success too
+        assert not dev_a.publish(retained_topic, b"online", retain=True).is_failure
+    pid_before = host.check_output("systemctl show -p MainPID --value mosquitto")
+    host.run_expect([0], "systemctl restart mosquitto")
+    assert host.check_output("systemctl show -p MainPID --value mosquitto") != pid_before
+    db = host.file("/var/lib/mosquitto/mosquitto.db")
+    assert db.exists and db.user == "mosquitto"  # written at the clean stop, by the broker's user
+    assert kit.wait_for(lambda: host.socket("tcp://8884").is_listening)
+    try:
+        with persistent_subscriber(kit, ports, client_id) as sub:
+            assert sub.session_present  # the session (and its subscription) came back
+            delivered = kit.wait_for(lambda: (topic, payload) in sub.messages)
+        with kit.Mqtt(ports[8884], username="fleet-monitor", password=MONITOR_PASSWORD) as fresh:
+            assert fresh.subscribe(retained_topic) == 1
+            assert kit.wait_for(lambda: (retained_topic, b"online") in fresh.retained)
+    finally:
+        with kit.Mqtt(ports[8883], cert=device("esp32-dev-a")) as dev_a:
+            dev_a.publish(retained_topic, b"", retain=True)  # clears the retained message
+    if queued_delivery_is_broken(host):
+        # Strict: the day upstream fixes it, this turns into a failure that says to drop the marker.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="eclipse-mosquitto/mosquitto#2618"))
+    assert delivered, "the queued QoS 1 message was not delivered after the restart"
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -316,6 +306,7 @@ def test_plaintext_loopback_listener_refuses_anonymous_connect(host):
         ("/etc/mosquitto/passwd", "mosquitto", "mosquitto", 0o600),
         ("/etc/mosquitto/acl", "mosquitto", "mosquitto", 0o600),
         ("/var/lib/mosquitto-fleet/last-good", "root", "root", 0o700),
+        ("/var/lib/mosquitto", "mosquitto", "mosquitto", 0o750),
     ],
 )
 def test_file_ownership_and_mode(host, path, owner, group, mode):

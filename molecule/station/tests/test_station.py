@@ -1,0 +1,147 @@
+"""The fleet provisioned through a remote station over SSH, checked after converge and idempotence:
+esptool lives in the station's venv, the boards plugged into the STATION hold verified credentials
+recorded in the manifest with that station, and no copy of a device key is left on the station, on
+the controller or in the Ansible log (the board's own flash excepted)."""
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esp32sim.nvs import parse_nvs
+
+STATION = "esp32-fleet-station"
+PKI = Path(os.environ["PKI_DIR"])
+MANIFEST = Path(os.environ["MANIFEST_DIR"]) / "fleet.json"
+ANSIBLE_LOG = Path(os.environ["ANSIBLE_LOG"])
+INVENTORY = os.environ["INVENTORY_DIR"]
+SIM_DIR = "/srv/esp32sim"
+VENV = "/opt/esp32-fleet/venv"
+STAGING = "/var/tmp/esp32-provision"
+NVS_OFFSET, NVS_SIZE = 0x9000, 0x6000
+BOARDS = {
+    "esp32-stn-01": (f"{SIM_DIR}/ttyUSB0", "24:0a:c4:00:01:01"),
+    "esp32-stn-02": (f"{SIM_DIR}/ttyUSB1", "24:0a:c4:00:01:02"),
+}
+
+
+def rows(device_id):
+    data = json.loads(MANIFEST.read_text())
+    return [r for r in data.get("rows", data) if r["device_id"] == device_id]
+
+
+def nvs_of(host, port):
+    """The NVS partition read from the board's flash file on the station."""
+    cmd = host.run(
+        f"dd if={port}.flash bs=4096 skip={NVS_OFFSET // 4096} count={NVS_SIZE // 4096} | base64 -w0"
+    )
+    assert cmd.rc == 0, cmd.stderr
+    image = base64.b64decode(cmd.stdout)
+    assert len(image) == NVS_SIZE
+    return image
+
+
+def key_probe(host, port):
+    """One full base64 line of the device's private key, as flashed: found anywhere, it is a copy."""
+    key = parse_nvs(nvs_of(host, port))["mqtt"]["client_key"]
+    key = key.decode() if isinstance(key, bytes) else key
+    assert "PRIVATE KEY" in key
+    return next(line for line in key.splitlines() if len(line) == 64)
+
+
+def test_esptool_is_installed_in_the_station_venv(host):
+    out = host.run(
+        f"{VENV}/bin/python -c 'import esptool, esp_idf_nvs_partition_gen; print(esptool.__version__)'"
+    )
+    assert out.rc == 0, out.stderr
+    assert out.stdout.strip() == "5.6.0"
+    # The boards' simulator lives in its own venv: the role's venv got esptool from the role alone.
+    assert host.run(f"{VENV}/bin/python -c 'import esp32sim'").rc != 0
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_manifest_records_the_board_on_the_station(host, name):
+    port, mac = BOARDS[name]
+    history = rows(name)
+    assert history, f"no manifest row for {name}"
+    first, last = history[0], history[-1]
+    assert first["result"] == "provisioned"
+    # Converge then idempotence: the last run found the board holding its recorded credentials.
+    assert len(history) >= 2
+    assert last["result"] == "unchanged"
+    for row in (first, last):
+        assert row["station"] == STATION
+        assert row["port"] == port
+        assert row["mac"] == mac
+        assert row["esptool_version"] == "5.6.0"
+    assert last["nvs_md5"] == first["nvs_md5"] == hashlib.md5(nvs_of(host, port)).hexdigest()  # noqa: S324
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_board_flash_holds_the_certificate_issued_by_the_controller(host, name):
+    port, _ = BOARDS[name]
+    mqtt = parse_nvs(nvs_of(host, port))["mqtt"]
+    as_text = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in mqtt.items()}
+    assert as_text["device_id"].rstrip("\0") == name
+    issued = (PKI / "devices" / f"{name}.crt").read_text()
+    assert as_text["client_cert"].rstrip("\0").strip() == issued.strip()
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_device_key_is_nowhere_but_on_the_board(host, name):
+    port, _ = BOARDS[name]
+    probe = key_probe(host, port)
+    search = (
+        "find / \\( -path /proc -o -path /sys -o -path /dev -o -path {skip} \\) -prune -o -type f -print0"
+        " | xargs -0 grep -lF -e {probe} --"
+    )
+    # Positive control: the same search does find the key in the board's own flash file.
+    found = host.run(f"grep -rlF -e {probe} -- {SIM_DIR}")
+    assert f"{port}.flash" in found.stdout.split()
+    leftovers = host.run(search.format(skip=SIM_DIR, probe=probe))
+    assert leftovers.stdout.strip() == "", f"copies of {name}'s key on the station: {leftovers.stdout}"
+    journal = host.run("journalctl --no-pager -o cat")
+    assert probe not in journal.stdout
+    # On the controller the key was deleted after the verified flash, and Ansible never printed it.
+    assert not (PKI / "devices" / f"{name}.key").exists()
+    log = ANSIBLE_LOG.read_text(errors="replace")
+    assert name in log
+    assert probe not in log
+    assert "PRIVATE KEY-----" not in log
+
+
+def test_no_staged_image_is_left_on_the_station(host):
+    staging = host.file(STAGING)
+    if staging.exists:
+        assert staging.listdir() == []
+
+
+def test_staging_makes_a_private_directory_and_0600_images(host):
+    """stage.yml over SSH, on a dummy image: the directory is 0700 and the image 0600, owned by the
+    SSH user's become target (root)."""
+    try:
+        run = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ansible-playbook"),
+                "-i",
+                INVENTORY,
+                str(Path(__file__).parent.parent / "stage_check.yml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert run.returncode == 0, run.stdout[-2000:]
+        d = host.file(f"{STAGING}/stage-check")
+        f = host.file(f"{STAGING}/stage-check/stage-check.nvs.bin")
+        assert d.is_directory and d.mode == 0o700 and d.user == "root"
+        assert f.is_file and f.mode == 0o600 and f.user == "root"
+        assert f.content_string == "not a real NVS image\n"
+    finally:
+        host.run(f"rm -rf {STAGING}/stage-check")
