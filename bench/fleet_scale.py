@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
-FIRMWARE_SIZE = 64 * 1024  # 32 boards at 115200 stay within minutes; see docs/bench.md
+FIRMWARE_SIZE = 64 * 1024  # 32 boards at 115200 stay within minutes; see README.md, "Benchmarks"
 FIRMWARE_OFFSET = 0x10000
 NVS_OFFSET = 0x9000
 MAC_BASE = "24:0a:c4:10:00:01"

@@ -124,3 +124,36 @@ def test_firmware_from_the_firmware_directory_is_flashed_and_updated_alone(fleet
     assert third["nvs_md5"] == first["nvs_md5"]
     assert project.nvs_region(0, 0x10000, 0x10000) == image.read_bytes()
     assert first["cert_serial"] not in (project.pki / "ca" / "revoked.yml").read_text()
+
+
+def test_a_board_whose_certificate_is_due_is_reflashed_with_a_renewed_one(fleet_project):
+    project = fleet_project({"b1": {"esp32_mac": MACS[0]}})
+    # Run 1: a short-lived certificate (20 days, renewal window 10 days): not due yet.
+    short = ("-e", "pki_client_validity_days=20", "-e", "pki_renew_before_days=10")
+    rc, out, _ = project.run(*short, "-e", "esp32_provision_cert_renew_days=10")
+    assert rc == 0, out
+    first = project.last()["b1"]
+    assert first["result"] == "provisioned"
+    nvs_before = project.nvs_region(0)
+
+    # Run 2: the normal settings (365 days, 30-day window): the 20-day certificate is now due.
+    rc, out, recap = project.run()
+    assert rc == 0, out
+    second = project.last()["b1"]
+    assert second["result"] == "provisioned"
+    assert second["reason"].startswith("certificate renewed (expires "), second["reason"]
+    assert "certificate renewed" in out  # the run summary says why the board was re-flashed
+    assert second["cert_serial"] != first["cert_serial"]
+    assert second["cert_not_after"] > first["cert_not_after"]
+    assert project.nvs_region(0) != nvs_before
+    assert recap["b1"]["changed"] > 0
+    # The superseded certificate is revoked; the new one is not.
+    revoked = (project.pki / "ca" / "revoked.yml").read_text()
+    assert first["cert_serial"] in revoked
+    assert second["cert_serial"] not in revoked
+
+    # Run 3: renewed, nothing left to do.
+    rc, out, recap = project.run()
+    assert rc == 0, out
+    assert project.last()["b1"]["result"] == "unchanged"
+    assert all(host["changed"] == 0 for host in recap.values()), recap

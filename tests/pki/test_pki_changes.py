@@ -179,3 +179,12 @@ def test_revoke_puts_the_serial_on_the_crl_once(copy_of_issued, tools, tmp_path)
     normal = pki.run()  # a normal run keeps the revocation on the CRL
     assert normal.rc == 0 and normal.changed == 0, normal.output[-3000:]
     assert not tools.verifies(ca, pki.pki / "devices" / "dev-c.crt", "sslclient", *crl_check)
+    # When every leaf is due for renewal, the revoked device is the one left alone: a revoked device
+    # never gets a fresh certificate from a normal run.
+    before = _serials(pki, tools)
+    window = {"pki_server_validity_days": 366, "pki_client_validity_days": 366, "pki_renew_before_days": 365}
+    due = pki.run(extra=window)
+    assert due.rc == 0, due.output[-3000:]
+    after = _serials(pki, tools)
+    assert after["devices/dev-c"] == before["devices/dev-c"]
+    assert all(after[leaf] != before[leaf] for leaf in LEAVES if leaf != "devices/dev-c"), (before, after)
