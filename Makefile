@@ -64,7 +64,7 @@ molecule: venv image
 # bench/results/; the report is assembled even if one failed, then the target fails. converge.py
 # reconfigures this machine's broker with a throwaway CA, like `make site` would: run `make site`
 # afterwards to restore the project's own PKI.
-bench: venv system-deps-test
+bench: venv system-deps-test image
 	mkdir -p bench/results
 	rc=0; \
 	$(BIN)/python bench/converge.py || rc=1; \

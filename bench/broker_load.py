@@ -261,18 +261,8 @@ def render_config(tmp, ports, device_names, app_password):
     template = "ansible.builtin.template"
     tasks = [
         {
-            "name": "Start from an empty listener list",
-            "ansible.builtin.set_fact": {"__mosquitto_listener_list": []},
-        },
-        {
-            # The same expression as the role's tasks/main.yml.
-            "name": "Complete the listener settings as the role does",
-            "ansible.builtin.set_fact": {
-                "__mosquitto_listener_list": "{{ __mosquitto_listener_list + [__mosquitto_listener_defaults"
-                " | combine(item.value, {'name': item.key})] }}"
-            },
-            "loop": "{{ __mosquitto_listeners | sort(attribute='key') }}",
-            "loop_control": {"label": "{{ item.key }}"},
+            "name": "Complete the listener settings with the role's own tasks",
+            "ansible.builtin.include_tasks": str(ROLE / "tasks" / "listeners.yml"),
         },
         {
             "name": "Check the listeners with the role's rules",

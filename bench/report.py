@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display on a CI machine
 import matplotlib.pyplot as plt
+from converge import fastest_safe, shipped_pipelining  # bench/ is this script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,73 +114,95 @@ def converge_section(data, out_dir):
     if data.get("note"):
         lines += [f"**Note: {data['note']}.**", ""]
     results = data["results"]
-    base_name = next(iter(results))
-    base = results[base_name]
+    base_name = "shipped" if "shipped" in results else next(iter(results), None)
     lines += [
-        f"Fresh target (throwaway project, inventories/local's shape), idempotent rerun, `--check`. Broker: "
-        f"{data['broker']}. Ratio: wall time against `{base_name}` for the same run.",
+        "Fresh target (throwaway project, inventories/local's shape), idempotent rerun, `--check`, with the "
+        "shipped configuration (ansible.cfg and playbooks as written)"
+        f"{' and the variants asked for' if len(results) > 1 else ''}. "
+        f"Broker: {data['broker']}. Ratios: wall time against the same variant's fresh run, and against "
+        f"`{base_name}` for the same run.",
         "",
-        "| variant | run | wall s | CPU s | changed | vs baseline | status |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| variant | run | wall s | CPU s | changed | vs fresh | vs shipped | status |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for variant, rows in results.items():
         for run, row in rows.items():
             status = "ok" if row["ok"] else f"failed (rc {row['rc']})"
             if row["ok"] and run != "fresh" and row["changed"]:
                 status = "NOT idempotent"
-            b = base.get(run, {}).get("wall_s")
+            b = results[base_name].get(run, {}).get("wall_s")
             lines.append(
                 f"| {variant} | {run} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {row['changed']} | "
-                f"{ratio(row['wall_s'], b)} | {status} |"
+                f"{ratio(row['wall_s'], rows['fresh']['wall_s'])} | {ratio(row['wall_s'], b)} | {status} |"
             )
-    best = data.get("best")
-    lines += ["", f"Fastest safe configuration (rerun and check changed=0): **{best or 'none'}**."]
-    top = results.get(best or base_name, {}).get("fresh", {}).get("top10", [])
+    if not results:
+        lines.append("| - | not run (`--variants` was empty) | | | | | | |")
+    top = results.get(base_name, {}).get("fresh", {}).get("top10", [])
     if top:
-        lines += [
-            "",
-            f"Ten slowest tasks of the fresh run ({best or base_name}):",
-            "",
-            "| s | task |",
-            "|---:|---|",
-        ]
+        lines += ["", f"Ten slowest tasks of the fresh run ({base_name}):", "", "| s | task |", "|---:|---|"]
         lines += [f"| {t['seconds']:.2f} | {t['task']} |" for t in top]
-    ab = {k: v for k, v in data.get("pipelining_ab", {}).items() if k != "error"}
-    if ab:
-        lines += [
-            "",
-            "Pipelining alone (20 `stat` tasks on localhost, off/on interleaved, median; vs off):",
-            "",
-            "| pipelining | runs | wall s | CPU s | vs off |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for mode, row in ab.items():
-            lines.append(
-                f"| {mode} | {row['runs']} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} | "
-                f"{ratio(row['wall_s'], ab.get('off', {}).get('wall_s'))} |"
-            )
-    facts = {k: v for k, v in data.get("fact_subsets", {}).items() if k != "error"}
-    if facts:
-        lines += [
-            "",
-            "Fact gathering alone (ad-hoc `ansible.builtin.setup` on localhost, median; vs `all`):",
-            "",
-            "| gather_subset | facts | wall s | CPU s | vs all |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for subset, row in facts.items():
-            lines.append(
-                f"| {subset} | {row['facts']} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} | "
-                f"{ratio(row['wall_s'], facts.get('all', {}).get('wall_s'))} |"
-            )
+    lines += ["", *ssh_lines(data.get("ssh", {}))]
+    # Derived from the numbers above, then held against ansible.cfg as it is now.
+    pipelining, sentence = fastest_safe(data)
+    shipped = {True: "true", False: "false"}.get(shipped_pipelining(), "unknown")
+    if pipelining is None:
+        verdict = f"ansible.cfg ships `pipelining = {shipped}`; the data above cannot confirm or refute it."
+    elif str(pipelining).lower() == shipped:
+        verdict = f"ansible.cfg ships `pipelining = {shipped}`: matches."
+    else:
+        verdict = f"**ansible.cfg ships `pipelining = {shipped}`: does NOT match the data.**"
+    lines += ["", f"Fastest safe configuration: **{sentence}**. {verdict}"]
     lines += ["", "![converge times](converge.png)", ""]
-    converge_chart(results, out_dir / "converge.png")
+    converge_chart(results, data.get("ssh", {}), out_dir / "converge.png")
     return lines
 
 
-def converge_chart(results, path):
+def two(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def ssh_lines(ssh):
+    if "pipelining" not in ssh:
+        reason = ssh.get("not_run") or f"failed: {ssh.get('error', 'no data')}"
+        return [f"Pipelining and fact subsets over SSH: not run ({reason})."]
+    lines = [
+        f"Over real SSH to a throwaway container ({ssh['container']}; ready in {ssh['setup_s']:.0f} s), "
+        "median of "
+        f"interleaved runs. CPU: here (ansible and the ssh clients it waited for) + in the container (sshd, "
+        f"the modules' Python). Ratios against `off` / `all`.",
+    ]
+    for title, rows, base, head in (
+        (f"{ssh['tasks']} `stat` tasks, pipelining off and on", ssh["pipelining"], "off", "pipelining"),
+        (
+            "`ansible.builtin.setup`, fact subsets (pipelining as shipped)",
+            ssh["fact_subsets"],
+            "all",
+            "gather_subset",
+        ),
+    ):
+        b = rows[base]
+        lines += [
+            "",
+            f"{title}:",
+            "",
+            f"| {head} | runs | wall s | samples s | CPU s here | CPU s container | vs {base} wall "
+            f"| vs {base} CPU |",
+            "|---|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for mode, row in rows.items():
+            facts = f" ({row['facts']} facts)" if row.get("facts") else ""
+            lines.append(
+                f"| {mode}{facts} | {row['runs']} | {row['wall_s']:.2f} | "
+                f"{', '.join(f'{w:.1f}' for w in row['walls'])} | "
+                f"{row['cpu_s']:.2f} | {two(row['target_cpu_s'])} | {ratio(row['wall_s'], b['wall_s'])} | "
+                f"{ratio(row['cpu_s'] + (row['target_cpu_s'] or 0), b['cpu_s'] + (b['target_cpu_s'] or 0))} |"
+            )
+    return lines
+
+
+def converge_chart(results, ssh, path):
     runs = ["fresh", "rerun", "check"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(1, len(results))
     for i, (variant, rows) in enumerate(results.items()):
         xs = [r + i * width for r in range(len(runs))]
@@ -188,7 +211,24 @@ def converge_chart(results, path):
     ax.set_xticks([r + width * (len(results) - 1) / 2 for r in range(len(runs))], runs)
     ax.set_ylabel("wall seconds")
     ax.set_title("site.yml converge")
-    ax.legend(fontsize=8)
+    if results:
+        ax.legend(fontsize=8)
+    if "pipelining" in ssh:
+        labels, walls, cpus = [], [], []
+        for group, prefix in (("pipelining", "pipelining "), ("fact_subsets", "facts ")):
+            for mode, row in ssh[group].items():
+                labels.append(prefix + mode)
+                walls.append(row["wall_s"])
+                cpus.append(row["cpu_s"] + (row["target_cpu_s"] or 0))
+        xs = range(len(labels))
+        ax2.bar([x - 0.2 for x in xs], walls, 0.4, label="wall (median)")
+        ax2.bar([x + 0.2 for x in xs], cpus, 0.4, label="CPU, both ends")
+        ax2.set_xticks(list(xs), labels, fontsize=8, rotation=15)
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_ylabel("seconds")
+    ax2.set_title("over SSH (throwaway container)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

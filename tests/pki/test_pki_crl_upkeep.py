@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 DAY = dt.timedelta(days=1)
 
 
-def _sign_old_crl(pki, tools, last_update, next_update):
-    """A CRL as an older run would have left it: signed by the CA, same (empty) revocation list."""
-    ca_dir = pki.pki / "ca"
+def _sign_old_crl(pki, tools, last_update, next_update, ca_dir=None):
+    """A CRL as an older run would have left it: signed by the CA (in ca_dir, default ca/), same
+    (empty) revocation list."""
+    ca_dir = ca_dir or pki.pki / "ca"
     ca = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
     key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), tools.PASSPHRASE.encode())
     crl = (
@@ -79,3 +80,42 @@ def test_a_crl_window_as_long_as_the_lifetime_is_refused(copy_of_issued, tools):
     assert run.rc != 0
     assert "pki_crl_validity_days" in run.output and "pki_crl_renew_before_days" in run.output
     assert tools.tree_hash(pki.pki) == before
+
+
+def test_the_new_cas_crl_follows_its_window_and_its_revocation_list(copy_of_issued, tools):
+    """During a rotation the new CA's CRL (ca-next/crl.pem, signed by the same tasks as the CA's) is
+    kept outside the renewal window, re-signed inside it, and lists ca-next/revoked.yml; ca/crl.pem is
+    left alone."""
+    pki = copy_of_issued
+    run = pki.run(extra={"pki_ca_rotation": "introduce"})
+    assert run.rc == 0, run.output[-3000:]
+    nxt, ca_crl = pki.pki / "ca-next", pki.pki / "ca" / "crl.pem"
+    ca_crl_before = ca_crl.read_bytes()
+    now = dt.datetime.now(dt.UTC)
+
+    # 15 days left: outside the 10-day window, kept byte for byte by a run without a rotation phase.
+    _sign_old_crl(pki, tools, now - 15 * DAY, now + 15 * DAY, ca_dir=nxt)
+    kept = (nxt / "crl.pem").read_bytes()
+    run = pki.run()
+    assert run.rc == 0 and run.changed == 0, run.output[-3000:]
+    assert (nxt / "crl.pem").read_bytes() == kept
+
+    # 3 days left: re-signed for the full lifetime, by the new CA.
+    _sign_old_crl(pki, tools, now - 27 * DAY, now + 3 * DAY, ca_dir=nxt)
+    run = pki.run()
+    assert run.rc == 0 and run.changed == 1, run.output[-3000:]
+    lifetime = _next_update(tools, nxt / "crl.pem") - now
+    assert dt.timedelta(days=29) < lifetime <= dt.timedelta(days=30, minutes=5)
+
+    # An entry of the new CA's own revocation list goes into its CRL, not into the CA's.
+    (nxt / "revoked.yml").write_text(
+        "---\npki_revoked_certificates:\n"
+        "  - {serial_number: 4242, revocation_date: '20260101000000Z', device_id: dev-x,"
+        " reason: key_compromise}\n"
+    )
+    run = pki.run()
+    assert run.rc == 0 and run.changed == 1, run.output[-3000:]
+    crl = str(nxt / "crl.pem")
+    text = tools.openssl("crl", "-in", crl, "-CAfile", str(nxt / "ca.crt"), "-noout", "-text")
+    assert "Serial Number: 1092" in text.stdout and "Key Compromise" in text.stdout, text.stdout
+    assert ca_crl.read_bytes() == ca_crl_before

@@ -84,6 +84,11 @@ def test_rotation_phases_in_order_and_out_of_order(copy_of_issued, tools, tmp_pa
     # retire: the new CA becomes the CA, the old certificate is archived, the old key is gone.
     new_ca, new_key = (nxt / "ca.crt").read_bytes(), (nxt / "ca.key").read_bytes()
     leaves_before = {leaf: (pki.pki / f"{leaf}.crt").read_bytes() for leaf in LEAVES}
+    # Check mode of retire writes nothing (ca-retired/ does not exist yet).
+    before = tools.tree_hash(pki.pki)
+    check = pki.run("--check", "--diff", extra={"pki_ca_rotation": "retire"})
+    assert check.rc == 0 and check.changed > 0, check.output[-3000:]
+    assert tools.tree_hash(pki.pki) == before
     run = pki.run(extra={"pki_ca_rotation": "retire"})
     assert run.rc == 0, run.output[-3000:]
     assert not nxt.exists()

@@ -1,7 +1,9 @@
 """The fleet provisioned through a remote station over SSH, checked after converge and idempotence:
 esptool lives in the station's venv, the boards plugged into the STATION hold verified credentials
 recorded in the manifest with that station, and no copy of a device key is left on the station, on
-the controller or in the Ansible log (the board's own flash excepted)."""
+the controller or in the Ansible log (the board's own flash excepted). Ansible logs in as an
+unprivileged user and becomes root with sudo, as inventories/example does: what that user can reach
+(its home, Ansible's temp files there, /tmp) holds no key and no leftover."""
 
 import base64
 import hashlib
@@ -23,6 +25,8 @@ INVENTORY = os.environ["INVENTORY_DIR"]
 SIM_DIR = "/srv/esp32sim"
 VENV = "/opt/esp32-fleet/venv"
 STAGING = "/var/tmp/esp32-provision"
+# The scenario's ansible_user (molecule.yml host_vars), created by prepare.yml.
+LOGIN = "admin"
 NVS_OFFSET, NVS_SIZE = 0x9000, 0x6000
 BOARDS = {
     "esp32-stn-01": (f"{SIM_DIR}/ttyUSB0", "24:0a:c4:00:01:01"),
@@ -52,6 +56,35 @@ def key_probe(host, port):
     key = key.decode() if isinstance(key, bytes) else key
     assert "PRIVATE KEY" in key
     return next(line for line in key.splitlines() if len(line) == 64)
+
+
+def test_ssh_login_is_an_unprivileged_user_that_becomes_root(host):
+    """The converge could only have reached root through become: root cannot log in, passwords are
+    refused, the login user cannot open the serial ports, and what needed root is owned by root."""
+    sshd = dict(line.split(" ", 1) for line in host.check_output("sshd -T").splitlines() if " " in line)
+    assert sshd["permitrootlogin"] == "no"
+    assert sshd["passwordauthentication"] == "no"
+    user = host.user(LOGIN)
+    assert user.uid >= 1000
+    assert not {"root", "sudo", "dialout"} & set(user.groups)
+    for port, _ in BOARDS.values():
+        assert host.run(f"test -c $(readlink -f {port})").rc == 0
+        assert host.run(f"runuser -u {LOGIN} -- test -r {port} -o -w {port}").rc != 0
+    # What needed root was made by root, through sudo.
+    assert host.file(VENV).user == "root"
+    assert host.file(STAGING).user == "root"
+    assert "sudo:session): session opened for user root" in host.check_output("journalctl --no-pager -o cat")
+
+
+def test_ssh_user_keeps_no_ansible_temp_files(host):
+    """Ansible stages every file it copies (the NVS image too) in the login user's ~/.ansible/tmp
+    before sudo moves it: that directory must be private, and empty after the run."""
+    tmp = host.file(f"/home/{LOGIN}/.ansible/tmp")
+    # It exists: the copies did go through the login user's home.
+    assert tmp.is_directory and tmp.user == LOGIN and tmp.mode == 0o700
+    assert tmp.listdir() == []
+    leftovers = host.run("find /tmp /var/tmp -name 'ansible*' -print")
+    assert leftovers.stdout.strip() == ""
 
 
 def test_esptool_is_installed_in_the_station_venv(host):
@@ -96,6 +129,7 @@ def test_board_flash_holds_the_certificate_issued_by_the_controller(host, name):
 def test_device_key_is_nowhere_but_on_the_board(host, name):
     port, _ = BOARDS[name]
     probe = key_probe(host, port)
+    # The whole filesystem, so the login user's home and /tmp too.
     search = (
         "find / \\( -path /proc -o -path /sys -o -path /dev -o -path {skip} \\) -prune -o -type f -print0"
         " | xargs -0 grep -lF -e {probe} --"
@@ -123,7 +157,7 @@ def test_no_staged_image_is_left_on_the_station(host):
 
 def test_staging_makes_a_private_directory_and_0600_images(host):
     """stage.yml over SSH, on a dummy image: the directory is 0700 and the image 0600, owned by the
-    SSH user's become target (root)."""
+    SSH user's become target (root), so the login user itself cannot read the image."""
     try:
         run = subprocess.run(
             [
@@ -143,5 +177,7 @@ def test_staging_makes_a_private_directory_and_0600_images(host):
         assert d.is_directory and d.mode == 0o700 and d.user == "root"
         assert f.is_file and f.mode == 0o600 and f.user == "root"
         assert f.content_string == "not a real NVS image\n"
+        assert host.run(f"runuser -u {LOGIN} -- cat {f.path}").rc != 0
+        assert host.file(f"/home/{LOGIN}/.ansible/tmp").listdir() == []
     finally:
         host.run(f"rm -rf {STAGING}/stage-check")

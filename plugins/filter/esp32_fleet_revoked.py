@@ -1,0 +1,127 @@
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The one answer to "is this device revoked?", shared by the pki, mosquitto and esp32_provision roles
+and playbooks/revoke.yml.
+
+A device is revoked when its CURRENT certificate (<cert_dir>/<device_id>.crt) has a serial number on
+the CA's revocation list (<pki_dir>/ca/revoked.yml, key pki_revoked_certificates, entries with
+serial_number, device_id, reason and revocation_date). Only the serial counts: a device that was
+re-provisioned after an older certificate was revoked is not revoked.
+
+Filters run on the control node, so paths are controller paths (the pki role keeps its files there).
+A missing revocation list or certificate means "not revoked"; a malformed list or certificate fails
+with AnsibleFilterError naming the file, rather than silently granting access.
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+from ansible.errors import AnsibleFilterError
+from cryptography import x509
+
+_KEY = "pki_revoked_certificates"
+
+
+def esp32_fleet_revoked_entries(document, source="revocation list"):
+    """Return the entries of a revocation list document, each with an int serial_number.
+
+    document is the parsed YAML (a mapping or None, as from_yaml gives it) or its text. An empty
+    document or a missing/empty key means no entries. Anything else fails: an entry without an
+    integer serial_number would otherwise be skipped and its device silently left trusted.
+    """
+    if isinstance(document, (str, bytes)):
+        try:
+            document = yaml.safe_load(document)
+        except yaml.YAMLError as exc:
+            raise AnsibleFilterError(f"{source}: not YAML: {exc}") from exc
+    if document is None:
+        return []
+    if not isinstance(document, dict):
+        raise AnsibleFilterError(f"{source}: expected a mapping with {_KEY}, got {type(document).__name__}")
+    entries = document.get(_KEY) or []
+    if not isinstance(entries, list):
+        raise AnsibleFilterError(f"{source}: {_KEY} must be a list, got {type(entries).__name__}")
+    out = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "serial_number" not in entry:
+            raise AnsibleFilterError(
+                f"{source}: {_KEY}[{index}] is not a mapping with serial_number: {entry!r}"
+            )
+        serial = entry["serial_number"]
+        # bool is an int in Python; "true" is never a serial.
+        if isinstance(serial, bool):
+            serial = None
+        try:
+            serial = int(serial)
+        except (TypeError, ValueError):
+            raise AnsibleFilterError(
+                f"{source}: {_KEY}[{index}].serial_number is not an integer: {entry['serial_number']!r}"
+            ) from None
+        out.append(dict(entry, serial_number=serial))
+    return out
+
+
+def _read_entries(revoked_file):
+    """Entries of the revocation list file; none when the file does not exist."""
+    if not isinstance(revoked_file, str) or not revoked_file:
+        raise AnsibleFilterError(f"revoked_file must be a path, got {revoked_file!r}")
+    if not os.path.isfile(revoked_file):
+        return []
+    try:
+        with open(revoked_file, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise AnsibleFilterError(f"cannot read {revoked_file}: {exc}") from exc
+    return esp32_fleet_revoked_entries(text, source=revoked_file)
+
+
+def _current_serial(cert_dir, device_id):
+    """Serial number of <cert_dir>/<device_id>.crt, or None when the device has no certificate."""
+    if not isinstance(device_id, str) or not device_id or "/" in device_id:
+        raise AnsibleFilterError(f"not a device id: {device_id!r}")
+    path = os.path.join(cert_dir, device_id + ".crt")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return x509.load_pem_x509_certificate(handle.read()).serial_number
+    except (OSError, ValueError) as exc:
+        raise AnsibleFilterError(f"{path}: not a PEM certificate: {exc}") from exc
+
+
+def esp32_fleet_revocation(device_id, cert_dir, revoked_file):
+    """Return the revocation list entry of the device's current certificate, or {} when not revoked.
+
+    The entry is returned as stored (device_id, reason, revocation_date), with an int serial_number.
+    """
+    entries = _read_entries(revoked_file)
+    if not entries:
+        return {}
+    serial = _current_serial(cert_dir, device_id)
+    if serial is None:
+        return {}
+    return next((entry for entry in entries if entry["serial_number"] == serial), {})
+
+
+def esp32_fleet_revoked_ids(device_ids, cert_dir, revoked_file):
+    """Return the device ids (input order) whose current certificate is on the revocation list."""
+    if isinstance(device_ids, (str, bytes, dict)) or not hasattr(device_ids, "__iter__"):
+        raise AnsibleFilterError(f"device ids must be a list, got {device_ids!r}")
+    entries = _read_entries(revoked_file)
+    if not entries:
+        return []
+    serials = {entry["serial_number"] for entry in entries}
+    return [d for d in device_ids if _current_serial(cert_dir, d) in serials]
+
+
+class FilterModule:
+    """Revocation state of the fleet's devices (see the module docstring)."""
+
+    def filters(self):
+        return {
+            "esp32_fleet_revoked_entries": esp32_fleet_revoked_entries,
+            "esp32_fleet_revocation": esp32_fleet_revocation,
+            "esp32_fleet_revoked_ids": esp32_fleet_revoked_ids,
+        }
