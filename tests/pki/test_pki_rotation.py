@@ -7,6 +7,7 @@ state the previous one left; out-of-order phases are tried at every step and mus
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 LEAVES = ["brokers/localhost", "brokers/broker2", "devices/dev-a", "devices/esp32-0042", "devices/dev-c"]
 DEVICES = [leaf for leaf in LEAVES if leaf.startswith("devices/")]
@@ -156,3 +157,38 @@ def _old_device_cert(pki, tools, device: str) -> bytes:
         str(out),
     )
     return out.read_bytes()
+
+
+def test_a_revocation_during_a_rotation_holds_for_either_ca(copy_of_issued, tools):
+    """While both CAs are trusted a device may hold a certificate of either; the broker checks each
+    against its issuer's CRL, so playbooks/revoke.yml must put the serial on both CAs' CRLs, and the
+    revocation must survive retire (the new CA's list becomes ca/revoked.yml)."""
+    pki = copy_of_issued
+    pki.brokers = {}  # revoke.yml's broker play has no host here
+    pki.write_inventory()
+    run = pki.run(extra={"pki_ca_rotation": "introduce"})
+    assert run.rc == 0, run.output[-3000:]
+    nxt, ca_dir, cert = pki.pki / "ca-next", pki.pki / "ca", pki.pki / "devices" / "dev-a.crt"
+    assert _issued_by(tools, nxt / "ca.crt", pki, ["devices/dev-a"])  # the new CA issued it
+
+    revoke = tools.ROOT / "playbooks" / "revoke.yml"
+    extra = {"device": "dev-a", "esp32_provision_manifest_dir": str(pki.base / "manifests")}
+    run = pki.run(extra=extra, playbook=revoke)
+    assert run.rc == 0, run.output[-3000:]
+
+    def refused(ca: Path, crl: Path) -> bool:
+        args = ["-crl_check", "-purpose", "sslclient", "-CAfile", str(ca), "-CRLfile", str(crl)]
+        proc = tools.openssl("verify", *args, str(cert), check=False)
+        return proc.returncode != 0 and "certificate revoked" in proc.stdout + proc.stderr
+
+    assert refused(nxt / "ca.crt", nxt / "crl.pem")
+    other = pki.pki / "devices" / "dev-c.crt"
+    assert tools.verifies(nxt / "ca.crt", other, "sslclient", "-crl_check", "-CRLfile", str(nxt / "crl.pem"))
+    assert "dev-a" in (ca_dir / "revoked.yml").read_text()  # the roles' "is it revoked?" list
+    again = pki.run(extra=extra, playbook=revoke)
+    assert again.rc == 0 and again.changed == 0, again.output[-3000:]
+
+    for phase in ("switch", "retire"):
+        run = pki.run(extra={"pki_ca_rotation": phase})
+        assert run.rc == 0, run.output[-3000:]
+    assert refused(ca_dir / "ca.crt", ca_dir / "crl.pem")
