@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 LEAVES = ["brokers/localhost", "brokers/broker2", "devices/dev-a", "devices/esp32-0042", "devices/dev-c"]
 DEVICES = [leaf for leaf in LEAVES if leaf.startswith("devices/")]
 BROKERS = [leaf for leaf in LEAVES if leaf.startswith("brokers/")]
@@ -159,36 +161,49 @@ def _old_device_cert(pki, tools, device: str) -> bytes:
     return out.read_bytes()
 
 
-def test_a_revocation_during_a_rotation_holds_for_either_ca(copy_of_issued, tools):
+def test_revocations_before_and_during_a_rotation_hold_for_either_ca(copy_of_issued, tools):
     """While both CAs are trusted a device may hold a certificate of either; the broker checks each
-    against its issuer's CRL, so playbooks/revoke.yml must put the serial on both CAs' CRLs, and the
-    revocation must survive retire (the new CA's list becomes ca/revoked.yml)."""
+    against its issuer's CRL, so playbooks/revoke.yml must put the serial on both CAs' CRLs. A device
+    revoked BEFORE the rotation keeps its old certificate: it must not hold the rotation up, and it must
+    stay revoked after retire (its entry stays on ca/revoked.yml, the list the roles read)."""
     pki = copy_of_issued
     pki.brokers = {}  # revoke.yml's broker play has no host here
     pki.write_inventory()
-    run = pki.run(extra={"pki_ca_rotation": "introduce"})
-    assert run.rc == 0, run.output[-3000:]
-    nxt, ca_dir, cert = pki.pki / "ca-next", pki.pki / "ca", pki.pki / "devices" / "dev-a.crt"
-    assert _issued_by(tools, nxt / "ca.crt", pki, ["devices/dev-a"])  # the new CA issued it
-
+    nxt, ca_dir, devices = pki.pki / "ca-next", pki.pki / "ca", pki.pki / "devices"
     revoke = tools.ROOT / "playbooks" / "revoke.yml"
-    extra = {"device": "dev-a", "esp32_provision_manifest_dir": str(pki.base / "manifests")}
-    run = pki.run(extra=extra, playbook=revoke)
-    assert run.rc == 0, run.output[-3000:]
+    manifests = {"esp32_provision_manifest_dir": str(pki.base / "manifests")}
 
-    def refused(ca: Path, crl: Path) -> bool:
+    def refused(ca: Path, crl: Path, device: str) -> bool:
         args = ["-crl_check", "-purpose", "sslclient", "-CAfile", str(ca), "-CRLfile", str(crl)]
-        proc = tools.openssl("verify", *args, str(cert), check=False)
+        proc = tools.openssl("verify", *args, str(devices / f"{device}.crt"), check=False)
         return proc.returncode != 0 and "certificate revoked" in proc.stdout + proc.stderr
 
-    assert refused(nxt / "ca.crt", nxt / "crl.pem")
-    other = pki.pki / "devices" / "dev-c.crt"
-    assert tools.verifies(nxt / "ca.crt", other, "sslclient", "-crl_check", "-CRLfile", str(nxt / "crl.pem"))
-    assert "dev-a" in (ca_dir / "revoked.yml").read_text()  # the roles' "is it revoked?" list
-    again = pki.run(extra=extra, playbook=revoke)
+    run = pki.run(extra={"device": "dev-c", **manifests}, playbook=revoke)
+    assert run.rc == 0, run.output[-3000:]
+    old_dev_c = (devices / "dev-c.crt").read_bytes()
+
+    run = pki.run(extra={"pki_ca_rotation": "introduce"})
+    assert run.rc == 0, run.output[-3000:]
+    assert _issued_by(tools, nxt / "ca.crt", pki, ["devices/dev-a"])  # the new CA issued it
+    assert (devices / "dev-c.crt").read_bytes() == old_dev_c  # revoked: not re-issued
+
+    run = pki.run(extra={"device": "dev-a", **manifests}, playbook=revoke)
+    assert run.rc == 0, run.output[-3000:]
+    assert refused(nxt / "ca.crt", nxt / "crl.pem", "dev-a")
+    assert not refused(nxt / "ca.crt", nxt / "crl.pem", "esp32-0042")
+    crl_check = ("-crl_check", "-CRLfile", str(nxt / "crl.pem"))
+    assert tools.verifies(nxt / "ca.crt", devices / "esp32-0042.crt", "sslclient", *crl_check)
+    again = pki.run(extra={"device": "dev-a", **manifests}, playbook=revoke)
     assert again.rc == 0 and again.changed == 0, again.output[-3000:]
 
-    for phase in ("switch", "retire"):
+    for phase in ("switch", "retire"):  # dev-c, revoked with an old-CA certificate, holds nothing up
         run = pki.run(extra={"pki_ca_rotation": phase})
         assert run.rc == 0, run.output[-3000:]
-    assert refused(ca_dir / "ca.crt", ca_dir / "crl.pem")
+    assert refused(ca_dir / "ca.crt", ca_dir / "crl.pem", "dev-a")
+    listed = {
+        r["device_id"]
+        for r in yaml.safe_load((ca_dir / "revoked.yml").read_text())["pki_revoked_certificates"]
+    }
+    assert listed == {"dev-a", "dev-c"}
+    _steady(pki, "retire")
+    assert (devices / "dev-c.crt").read_bytes() == old_dev_c  # still revoked: still not re-issued
