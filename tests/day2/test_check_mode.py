@@ -8,13 +8,10 @@ import yaml
 from .conftest import MACS, FleetProject, snapshot
 
 
-def test_site_check_mode_on_a_fresh_machine_reports_and_changes_nothing(tmp_path):
-    project = FleetProject(
-        tmp_path,
-        {"b1": {"esp32_mac": MACS[0]}, "b2": {"esp32_mac": MACS[1]}},
-        brokers={"localhost": {"mosquitto_server_names": ["localhost", "127.0.0.1"]}},
-    )
-    roots = (project.pki, tmp_path / "manifests", project.sim_dir, "/etc/mosquitto")
+def _check_run(project, *also_unchanged):
+    """site.yml --check --diff: it succeeds, says both boards would get credentials, and changes
+    nothing under the PKI, the manifests, the lab and also_unchanged."""
+    roots = (project.pki, project.base / "manifests", project.sim_dir, *also_unchanged)
     before = snapshot(*roots)
     try:
         rc, out, recap = project.run_playbook("site.yml", "--check", "--diff")
@@ -22,11 +19,21 @@ def test_site_check_mode_on_a_fresh_machine_reports_and_changes_nothing(tmp_path
         project.stop_lab()
     assert rc == 0, out[-6000:]
     assert "Traceback" not in out
-    # It says what it would do: a CA, the broker configuration, and credentials for every board.
-    assert recap["localhost"]["changed"] > 0, recap
     for board in ("b1", "b2"):
         assert f"check mode: {board} would get new credentials" in out, out[-6000:]
     assert snapshot(*roots) == before
+    return out, recap
+
+
+def test_site_check_mode_on_a_fresh_machine_reports_and_changes_nothing(tmp_path):
+    project = FleetProject(
+        tmp_path,
+        {"b1": {"esp32_mac": MACS[0]}, "b2": {"esp32_mac": MACS[1]}},
+        brokers={"localhost": {"mosquitto_server_names": ["localhost", "127.0.0.1"]}},
+    )
+    _, recap = _check_run(project, "/etc/mosquitto")
+    # It says what it would do: a CA, the broker configuration, and credentials for every board.
+    assert recap["localhost"]["changed"] > 0, recap
 
 
 def test_check_mode_on_a_brand_new_station_previews_its_boards(tmp_path):
@@ -55,18 +62,8 @@ def test_check_mode_on_a_brand_new_station_previews_its_boards(tmp_path):
         }
     }
     hosts_file.write_text(yaml.safe_dump(inventory))
-    roots = (project.pki, tmp_path / "manifests", project.sim_dir, venv)
-    before = snapshot(*roots)
-    try:
-        rc, out, recap = project.run_playbook("site.yml", "--check", "--diff")
-    finally:
-        project.stop_lab()
-    assert rc == 0, out[-6000:]
-    assert "Traceback" not in out
+    out, recap = _check_run(project, venv)
     # Without the venv the esptool modules cannot start on the station ("module interpreter ... not
     # found"): the boards are read only where the station is ready.
     assert "interpreter" not in out, out[-6000:]
-    for board in ("b1", "b2"):
-        assert recap[board]["failed"] == 0, recap
-        assert f"check mode: {board} would get new credentials" in out, out[-6000:]
-    assert snapshot(*roots) == before
+    assert recap["b1"]["failed"] == recap["b2"]["failed"] == 0, recap
