@@ -185,3 +185,12 @@ def test_ansible_finds_the_filter_through_the_project_config(pki, tmp_path):
     # "localhost | SUCCESS => <YAML>" (ansible.cfg's callback_result_format).
     result = yaml.safe_load(proc.stdout.split("=>", 1)[1])
     assert json.loads(result["msg"]) == ["a"]
+
+
+def test_merge_keeps_the_order_and_lists_a_serial_once():
+    old = [{"serial_number": 1, "device_id": "a"}, {"serial_number": 2, "device_id": "b"}]
+    more = [{"serial_number": 2, "device_id": "b2"}, {"serial_number": 3, "device_id": "c"}]
+    merged = flt.esp32_fleet_revoked_merge(old, more)
+    assert merged == [*old, {"serial_number": 3, "device_id": "c"}]
+    assert flt.esp32_fleet_revoked_merge(old, []) == old
+    assert old == [{"serial_number": 1, "device_id": "a"}, {"serial_number": 2, "device_id": "b"}]

@@ -63,6 +63,21 @@ def esp32_fleet_revoked_entries(document, source="revocation list"):
     return out
 
 
+def esp32_fleet_revoked_merge(entries, more):
+    """Return entries followed by the entries of more whose serial_number is not among them yet.
+
+    The one way the pki role adds to a revocation list (revoke.yml) or merges two (a CA rotation's
+    retire), so a serial is never listed twice.
+    """
+    known = {int(entry["serial_number"]) for entry in entries}
+    out = list(entries)
+    for entry in more:
+        if int(entry["serial_number"]) not in known:
+            known.add(int(entry["serial_number"]))
+            out.append(entry)
+    return out
+
+
 def _read_entries(revoked_file):
     """Entries of the revocation list file; none when the file does not exist."""
     if not isinstance(revoked_file, str) or not revoked_file:
@@ -124,4 +139,5 @@ class FilterModule:
             "esp32_fleet_revoked_entries": esp32_fleet_revoked_entries,
             "esp32_fleet_revocation": esp32_fleet_revocation,
             "esp32_fleet_revoked_ids": esp32_fleet_revoked_ids,
+            "esp32_fleet_revoked_merge": esp32_fleet_revoked_merge,
         }
