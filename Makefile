@@ -20,12 +20,16 @@ SITE_DEBS := openssl
 # openssh-client: Molecule's station scenario reaches its station container over real SSH.
 TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client
 
-.PHONY: site test venv lint pytest molecule image system-deps-site system-deps-test bench clean
+.PHONY: site test check venv lint sanity unit pytest molecule image system-deps-site system-deps-test bench clean
 
 site: venv system-deps-site
 	$(BIN)/ansible-playbook site.yml
 
-test: venv system-deps-test image lint pytest molecule
+test: venv system-deps-test image lint sanity pytest molecule
+
+# The developers' inner loop (a few minutes): lint and the tests that need no broker, no board and no
+# container (module units, filters, the simulator's protocol, repository checks).
+check: venv lint unit
 
 venv: $(STAMP)
 
@@ -53,9 +57,16 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# ansible-test sanity on the built and installed collection (scripts/sanity.sh).
+sanity: venv
+	scripts/sanity.sh
+
+unit: venv
+	$(BIN)/pytest -n 2 -m "not integration"
+
 # Two workers: the tests are independent (temp dirs, ephemeral ports, own simulator boards).
 pytest: venv
-	$(BIN)/pytest -n 2
+	$(BIN)/pytest -n 2 --durations=25
 
 molecule: venv image
 	$(BIN)/molecule test --all

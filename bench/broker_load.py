@@ -315,7 +315,6 @@ def render_config(tmp, ports, device_names, app_password):
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_LIBRARY=str(ROLE / "library"),
         ANSIBLE_LOCALHOST_WARNING="false",
     )
     cmd = [
@@ -350,7 +349,7 @@ def role_iterations():
 
 def _password_module():
     spec = importlib.util.spec_from_file_location(
-        "mosquitto_password_file", ROLE / "library" / "mosquitto_password_file.py"
+        "mosquitto_password_file", ROOT / "plugins" / "modules" / "mosquitto_password_file.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

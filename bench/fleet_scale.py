@@ -68,14 +68,14 @@ _WIRE = {}
 
 
 def _worker_init(root):
-    """Import the module_utils the way Ansible's module_utils path does, and count serial writes."""
-    import ansible.module_utils
+    """Import the module_utils the way the modules do (the checkout's collections/ link), and count
+    serial writes."""
     import serial.serialposix
 
-    path = str(Path(root) / "plugins" / "module_utils")
-    if path not in ansible.module_utils.__path__:
-        ansible.module_utils.__path__.append(path)
-    from ansible.module_utils import esp32_esptool
+    path = str(Path(root) / "collections")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import esp32_esptool
 
     orig_write = serial.serialposix.Serial.write
 
@@ -122,7 +122,7 @@ def _mark(phase):
 
 def _flash_one(job):
     """One board, as the esp32_flash task would run it; returns per-phase seconds and wire bytes."""
-    from ansible.module_utils import esp32_esptool, esp32_flashplan
+    from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import esp32_esptool, esp32_flashplan
 
     port, baud, images, mac = job
     _TIMES.clear()

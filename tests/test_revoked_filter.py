@@ -152,9 +152,10 @@ def test_a_malformed_file_or_certificate_fails_naming_it(pki):
 
 
 def test_ansible_finds_the_filter_through_the_project_config(pki, tmp_path):
-    """The roles and playbooks rely on ansible.cfg's filter_plugins, not on a role-local copy."""
+    """The roles and playbooks call the filter by FQCN, resolved through ansible.cfg's collections_path."""
     devices, revoked = pki
-    expr = f"{{{{ ['a', 'b'] | esp32_fleet_revoked_ids('{devices}', '{revoked}') | to_json }}}}"
+    flt = "esp32_fleet.mqtt_fleet.esp32_fleet_revoked_ids"
+    expr = f"{{{{ ['a', 'b'] | {flt}('{devices}', '{revoked}') | to_json }}}}"
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),

@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Connection options shared by the modules that talk to a board through esptool (esp32_info,
 esp32_flash); module_utils/esp32_esptool.py's connection_argument_spec() is their argument spec."""
 

@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The one answer to "is this device revoked?", shared by the pki, mosquitto and esp32_provision roles
 and playbooks/revoke.yml.
 
@@ -19,7 +19,11 @@ import os
 
 import yaml
 from ansible.errors import AnsibleFilterError
-from cryptography import x509
+
+try:
+    from cryptography import x509
+except ImportError:  # reported when a certificate is read, not when Ansible lists the filters
+    x509 = None
 
 _KEY = "pki_revoked_certificates"
 
@@ -99,6 +103,8 @@ def _current_serial(cert_dir, device_id):
     path = os.path.join(cert_dir, device_id + ".crt")
     if not os.path.isfile(path):
         return None
+    if x509 is None:
+        raise AnsibleFilterError(f"reading {path} needs the Python package cryptography on the controller")
     try:
         with open(path, "rb") as handle:
             return x509.load_pem_x509_certificate(handle.read()).serial_number

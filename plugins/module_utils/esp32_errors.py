@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """One exception type for every failure the esp32_* modules report.
 
 Modules catch only Esp32Error and turn it into fail_json(msg=..., kind=...), so no traceback ever

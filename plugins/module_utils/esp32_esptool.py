@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The esptool session shared by esp32_info and esp32_flash.
 
 `open_session()` is the ONE choke point where the modules reach a board: it connects through
@@ -22,7 +22,7 @@ import time
 import traceback
 import zlib
 
-from ansible.module_utils.esp32_errors import Esp32Error, classify
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error, classify
 
 try:
     import esptool

@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """esp32_flash logic: load and check images on the controller, compare with the board, write the rest.
 
 Idempotence comes from the board's own MD5 of each target region (SPI_FLASH_MD5: 16 bytes on the
@@ -16,8 +16,12 @@ import hashlib
 import itertools
 import os
 
-from ansible.module_utils.esp32_errors import Esp32Error
-from ansible.module_utils.esp32_esptool import SECTOR_SIZE, md5_hex, normalize_mac
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_esptool import (
+    SECTOR_SIZE,
+    md5_hex,
+    normalize_mac,
+)
 
 
 def parse_int(value, what):

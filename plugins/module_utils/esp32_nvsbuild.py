@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Build an ESP-IDF NVS partition image from a structured dict with esp-idf-nvs-partition-gen's API.
 
 Everything the upstream generator gets wrong or reports obscurely (a size that is not a multiple of
@@ -14,8 +14,8 @@ import contextlib
 import io
 import traceback
 
-from ansible.module_utils.esp32_errors import Esp32Error
-from ansible.module_utils.esp32_flashplan import parse_int
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_flashplan import parse_int
 
 try:
     from esp_idf_nvs_partition_gen import nvs_partition_gen as nvsgen

@@ -1,3 +1,5 @@
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Fleet manifest: an append-only run log of board provisioning, kept as JSON and CSV.
 
 One row per board per run. JSON (``<name>.json``) is the source of truth and holds every field,

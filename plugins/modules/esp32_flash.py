@@ -1,6 +1,6 @@
 #!/usr/bin/python
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ description:
   - A failure part way reports which images were written; it is never reported as ok.
   - Output of esptool is captured through its logger; nothing is printed.
 version_added: "0.1.0"
-author: esp32-mqtt-fleet contributors
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 requirements:
   - esptool >= 5.2 in the Python that runs the module (the provisioning station)
 attributes:
@@ -30,7 +30,7 @@ attributes:
     support: full
     description: Lists the regions that differ (offset, size, MD5 on board and of image), not the bytes.
 extends_documentation_fragment:
-  - esp32_connection
+  - esp32_fleet.mqtt_fleet.esp32_connection
 options:
   stub:
     description:
@@ -96,8 +96,8 @@ notes:
   - The idempotence check reads only MD5s, so an unchanged board costs one connection plus a few
     milliseconds per image.
 seealso:
-  - module: esp32_info
-  - module: esp32_nvs
+  - module: esp32_fleet.mqtt_fleet.esp32_info
+  - module: esp32_fleet.mqtt_fleet.esp32_nvs
 """
 
 EXAMPLES = r"""
@@ -206,15 +206,18 @@ log:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.esp32_errors import Esp32Error
-from ansible.module_utils.esp32_esptool import (
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_esptool import (
     ESPTOOL_VERSION,
     check_esptool,
     connection_argument_spec,
     esptool_call,
     normalize_mac,
 )
-from ansible.module_utils.esp32_flashplan import flash_images, load_images
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_flashplan import (
+    flash_images,
+    load_images,
+)
 
 
 def main():

@@ -1,6 +1,6 @@
 #!/usr/bin/python
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ description:
   - Never writes to the board.
   - Output of esptool is captured through its logger; nothing is printed.
 version_added: "0.1.0"
-author: esp32-mqtt-fleet contributors
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 requirements:
   - esptool >= 5.2 in the Python that runs the module (the provisioning station)
 attributes:
@@ -28,7 +28,7 @@ attributes:
     support: none
     description: Nothing changes, so there is nothing to diff.
 extends_documentation_fragment:
-  - esp32_connection
+  - esp32_fleet.mqtt_fleet.esp32_connection
 options:
   timeout:
     default: 60
@@ -48,7 +48,7 @@ options:
         type: raw
         required: true
 seealso:
-  - module: esp32_flash
+  - module: esp32_fleet.mqtt_fleet.esp32_flash
   - name: esptool scripting API
     description: The supported library interface this module uses.
     link: https://docs.espressif.com/projects/esptool/en/latest/esp32/esptool/scripting.html
@@ -144,14 +144,14 @@ log:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.esp32_errors import Esp32Error
-from ansible.module_utils.esp32_esptool import (
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_esptool import (
     ESPTOOL_VERSION,
     check_esptool,
     connection_argument_spec,
     esptool_call,
 )
-from ansible.module_utils.esp32_flashplan import parse_int
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_flashplan import parse_int
 
 
 def read_board(session, regions):

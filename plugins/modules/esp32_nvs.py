@@ -1,6 +1,6 @@
 #!/usr/bin/python
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ description:
   - The image holds secrets (client key, Wi-Fi password). O(namespaces) is C(no_log) and only the
     image's SHA-256 and size are returned.
 version_added: "0.1.0"
-author: esp32-mqtt-fleet contributors
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 requirements:
   - esp-idf-nvs-partition-gen >= 0.3 in the Python that runs the module
 attributes:
@@ -58,7 +58,7 @@ options:
     type: raw
     default: "0600"
 seealso:
-  - module: esp32_flash
+  - module: esp32_fleet.mqtt_fleet.esp32_flash
   - name: NVS partition generator
     description: The upstream tool whose Python API builds the image.
     link: https://docs.espressif.com/projects/esp-idf/en/stable/esp32/api-reference/storage/nvs_partition_gen.html
@@ -118,9 +118,9 @@ import os
 import tempfile
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible.module_utils.esp32_errors import Esp32Error
-from ansible.module_utils.esp32_esptool import md5_hex
-from ansible.module_utils.esp32_nvsbuild import (
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_esptool import md5_hex
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_nvsbuild import (
     HAS_NVSGEN,
     NVSGEN_IMPORT_ERROR,
     NVSGEN_REQUIREMENT,

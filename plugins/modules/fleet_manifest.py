@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Append rows to the fleet manifest (JSON + CSV, atomic, earlier rows kept)."""
 
 DOCUMENTATION = r"""
@@ -12,7 +14,7 @@ description:
   - The JSON file is the source of truth; the CSV is regenerated from the same rows.
   - Also returns a summary of the appended rows grouped by result.
 version_added: "0.1.0"
-author: esp32-mqtt-fleet
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 options:
   path:
     description: Directory holding the manifest files; created when missing.
@@ -36,9 +38,11 @@ options:
     default: "0644"
 attributes:
   check_mode:
+    description: Can run in check mode and report what it would change without changing it.
     support: full
     details: In check mode nothing is written; the module reports what it would append.
   diff_mode:
+    description: Reports a before/after diff of what it changes, when run with --diff.
     support: none
 notes:
   - Appending always changes the files, so the module reports C(changed=true) whenever it writes rows.
@@ -88,7 +92,7 @@ summary:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.fleet_manifest import (
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_manifest import (
     ManifestError,
     append_rows,
     load_rows,

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Read the fleet manifest: the last recorded row of every device."""
 
 DOCUMENTATION = r"""
@@ -6,12 +8,13 @@ DOCUMENTATION = r"""
 module: fleet_manifest_info
 short_description: Read the ESP32 fleet manifest
 description:
-  - Reads C(<path>/<name>.json) (or the CSV when only that exists) written by M(fleet_manifest).
+  - Reads C(<path>/<name>.json) (or the CSV when only that exists) written by
+    M(esp32_fleet.mqtt_fleet.fleet_manifest).
   - Returns, per device id, the most recent row and the most recent successful row (result
     C(provisioned) or C(unchanged)); the provisioning role compares the latter with what the board
     reports to decide whether the board still holds its credentials.
 version_added: "0.1.0"
-author: esp32-mqtt-fleet
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 options:
   path:
     description: Directory holding the manifest files.
@@ -23,9 +26,11 @@ options:
     default: fleet
 attributes:
   check_mode:
+    description: Can run in check mode and report what it would change without changing it.
     support: full
     details: Read-only.
   diff_mode:
+    description: Reports a before/after diff of what it changes, when run with --diff.
     support: none
 """
 
@@ -56,7 +61,11 @@ last_success:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.fleet_manifest import ManifestError, last_rows, load_rows
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_manifest import (
+    ManifestError,
+    last_rows,
+    load_rows,
+)
 
 
 def main():

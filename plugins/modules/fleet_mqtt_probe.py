@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Subscribe to an MQTT topic over TLS, optionally run a command, and report what arrived."""
 
 DOCUMENTATION = r"""
@@ -12,7 +14,7 @@ description:
   - Only observes; never reports a change. Asserting what should have happened is left to the
     playbook (a reading expected, or none, and the command's exit code).
 version_added: "0.1.0"
-author: esp32-mqtt-fleet
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 options:
   host:
     description: Broker host name or address.
@@ -64,9 +66,11 @@ options:
     default: 1
 attributes:
   check_mode:
+    description: Can run in check mode and report what it would change without changing it.
     support: full
     details: Runs in check mode too; it only observes (the command is run as given).
   diff_mode:
+    description: Reports a before/after diff of what it changes, when run with --diff.
     support: none
 requirements:
   - paho-mqtt >= 2.0

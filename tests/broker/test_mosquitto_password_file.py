@@ -18,7 +18,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 ROOT = Path(__file__).resolve().parents[2]
-LIBRARY = ROOT / "roles" / "mosquitto" / "library"
+LIBRARY = ROOT / "plugins" / "modules"
 BIN = Path(sys.executable).parent
 
 # mosquitto and mosquitto-clients are Debian packages `make test` installs (TEST_DEBS).
@@ -130,7 +130,11 @@ def _playbook(path):
     tasks = [
         {
             "name": name,
-            "mosquitto_password_file": {"path": str(path), "users": users, "mode": "0600"},
+            "esp32_fleet.mqtt_fleet.mosquitto_password_file": {
+                "path": str(path),
+                "users": users,
+                "mode": "0600",
+            },
             "check_mode": check,
             "register": f"r{i}",
             "no_log": True,
@@ -155,7 +159,7 @@ def test_module_check_real_idempotent_and_change(tmp_path):
     path = tmp_path / "passwd"
     playbook = tmp_path / "play.yml"
     playbook.write_text(_playbook(path))
-    env = dict(os.environ, ANSIBLE_LIBRARY=str(LIBRARY), ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
     result = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-v", str(playbook),
          "-e", f"ansible_python_interpreter={sys.executable}"],

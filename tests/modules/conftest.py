@@ -22,17 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import ansible.module_utils
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ROOT / "plugins" / "modules"
-# Make `from ansible.module_utils.esp32_* import ...` resolve as ansible.cfg's module_utils does.
-if str(ROOT / "plugins" / "module_utils") not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(str(ROOT / "plugins" / "module_utils"))
-
-from ansible.module_utils import esp32_esptool  # noqa: E402
+# tests/conftest.py puts the checkout's collections/ on sys.path: the same import the modules use.
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import esp32_esptool  # noqa: E402
 
 FLASH_SIZE = 4 * 1024 * 1024
 SIM_BIN = Path(sys.executable).parent / "esp32sim"

@@ -228,7 +228,7 @@ def test_timeout_ends_a_stuck_run(board, run_module, images):
 
 
 def test_missing_esptool_gives_the_install_hint(board, run_module, images, monkeypatch):
-    from ansible.module_utils import esp32_esptool
+    from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import esp32_esptool
 
     monkeypatch.setattr(esp32_esptool, "HAS_ESPTOOL", False)
     monkeypatch.setattr(esp32_esptool, "ESPTOOL_IMPORT_ERROR", "ImportError: No module named 'esptool'")

@@ -98,7 +98,7 @@ DEVICE_PLAY = textwrap.dedent(
       tasks:
         - name: Issue this device's certificate on the controller
           ansible.builtin.include_role:
-            name: pki
+            name: esp32_fleet.mqtt_fleet.pki
             tasks_from: device
             apply:
               delegate_to: localhost
@@ -151,7 +151,7 @@ REVOKE_PLAY = textwrap.dedent(
       tasks:
         - name: Revoke dev-c
           ansible.builtin.include_role:
-            name: pki
+            name: esp32_fleet.mqtt_fleet.pki
             tasks_from: revoke
           vars:
             pki_revoke_device_ids: [dev-c]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def san(tools):
-    path = tools.ROOT / "roles" / "pki" / "filter_plugins" / "pki_san.py"
+    path = tools.ROOT / "plugins" / "filter" / "pki_san.py"
     spec = importlib.util.spec_from_file_location("pki_san", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -55,7 +56,7 @@ def test_a_san_string_instead_of_a_list_is_invalid(san):
 
 def test_ansible_doc_renders_the_module(tools):
     doc = subprocess.run(
-        [str(tools.ROOT / ".venv" / "bin" / "ansible-doc"), "-M", "roles/pki/library", "pki_private_key"],
+        [str(tools.ROOT / ".venv" / "bin" / "ansible-doc"), "esp32_fleet.mqtt_fleet.pki_private_key"],
         cwd=tools.ROOT,
         capture_output=True,
         text=True,
@@ -75,17 +76,17 @@ MODULE_PLAY = textwrap.dedent(
         key: "{{ out }}/k.pem"
         pass: "module-test-passphrase"
       tasks:
-        - {name: Check mode on a missing key, pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}"},
+        - {name: Check mode on a missing key, esp32_fleet.mqtt_fleet.pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}"},
            check_mode: true, register: r_check}
-        - {name: Create, pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}", mode: "0600"},
+        - {name: Create, esp32_fleet.mqtt_fleet.pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}", mode: "0600"},
            register: r_create}
-        - {name: Again, pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}", mode: "0600"},
+        - {name: Again, esp32_fleet.mqtt_fleet.pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}", mode: "0600"},
            register: r_again}
-        - {name: Other type refused, pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}", type: RSA,
+        - {name: Other type refused, esp32_fleet.mqtt_fleet.pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}", type: RSA,
            regenerate: false}, register: r_refused, ignore_errors: true}
-        - {name: Wrong passphrase refused, pki_private_key: {path: "{{ key }}", passphrase: "not-the-one",
+        - {name: Wrong passphrase refused, esp32_fleet.mqtt_fleet.pki_private_key: {path: "{{ key }}", passphrase: "not-the-one",
            regenerate: false}, register: r_wrong, ignore_errors: true}
-        - {name: Other curve replaces, pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}",
+        - {name: Other curve replaces, esp32_fleet.mqtt_fleet.pki_private_key: {path: "{{ key }}", passphrase: "{{ pass }}",
            curve: secp384r1}, register: r_curve}
         - name: Save
           ansible.builtin.copy:
@@ -107,8 +108,6 @@ def test_module_creates_keeps_refuses_and_replaces(tools, tmp_path):
             "localhost,",
             "-c",
             "local",
-            "-M",
-            str(tools.ROOT / "roles" / "pki" / "library"),
             "-e",
             f"out={tmp_path}",
             "-e",
@@ -116,6 +115,7 @@ def test_module_creates_keeps_refuses_and_replaces(tools, tmp_path):
             str(play),
         ],
         cwd=tmp_path,
+        env=dict(os.environ, ANSIBLE_CONFIG=str(tools.ROOT / "ansible.cfg")),
         capture_output=True,
         text=True,
     )

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Ansible module: manage a Mosquitto password file idempotently."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ description:
   - Passwords travel in the module arguments (a file, never argv) and never appear in the result,
     the diff or error messages.
 version_added: "0.1.0"
-author: esp32-mqtt-fleet
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 options:
   path:
     description: Password file to manage.

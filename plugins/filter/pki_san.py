@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Filters that turn inventory host names and addresses into typed subjectAltName entries.
 
 Jinja has no IP address test, and community.crypto needs "DNS:" / "IP:" prefixes, so the pki role

@@ -1,6 +1,6 @@
 #!/usr/bin/python
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
 # Why this module exists: community.crypto 3.0.5 (bundled with ansible 12.3) cannot create EC keys
 # with cryptography >= 46.0.5 ("Your cryptography version does not support SECP256R1", fixed upstream
@@ -36,7 +36,7 @@ description:
   - Stands in for M(community.crypto.openssl_privatekey), whose EC key generation fails with
     cryptography 46.0.5 and later in community.crypto 3.0.5.
 version_added: "0.1.0"
-author: esp32-mqtt-fleet contributors
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 requirements:
   - cryptography >= 41 in the Python that runs the module
 attributes:
