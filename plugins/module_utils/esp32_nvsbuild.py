@@ -134,6 +134,21 @@ def normalize(namespaces):
     return result
 
 
+def secret_strings(namespaces):
+    """The values to mask wherever they would appear in the module's output: every text given as a
+    string or blob value, whatever its length (a 7-character Wi-Fi password is still a password).
+    Numbers, booleans, type names and file paths are not secrets (the files' contents are read here
+    and never returned), and masking them would only garble the returned digests."""
+    out = set()
+    for entries in (namespaces or {}).values():
+        for value in (entries or {}).values() if isinstance(entries, dict) else ():
+            if isinstance(value, dict) and value.get("type") in (None, "string", "blob"):
+                value = value.get("value")
+            if isinstance(value, str) and value:
+                out.add(value)
+    return out
+
+
 def parse_size(value):
     size = parse_int(value, "size")
     if size % PAGE_SIZE or size < MIN_SIZE:

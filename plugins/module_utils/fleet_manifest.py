@@ -5,7 +5,8 @@
 One row per board per run. JSON (``<name>.json``) is the source of truth and holds every field,
 including the nested firmware list; the CSV (``<name>.csv``) is regenerated from the same rows on
 each write, so the two never disagree. Both files are written atomically (temporary file in the same
-directory, fsync, rename) under an exclusive lock, and earlier runs' rows are always kept.
+directory, fsync, rename) under an exclusive lock, and earlier runs' rows are always kept. The files
+are 0640 by default: a row names the board's port, station and certificate.
 
 Pure Python (standard library only) so that pytest can exercise it without Ansible.
 """
@@ -15,6 +16,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 
 try:
@@ -46,6 +48,16 @@ FIELDS = (
     "result",
     "reason",
 )
+
+
+# An unkeyed settings fingerprint of earlier releases (see fleet_config_hash.py): it exposes the
+# Wi-Fi password to a dictionary attack, so it is blanked once the board has a keyed one.
+_LEGACY_CONFIG_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_legacy_config_hash(value):
+    """True for a ``config_sha256`` of the unkeyed kind (64 hex digits, no ``hmac-sha256:`` prefix)."""
+    return bool(_LEGACY_CONFIG_HASH.match(str(value or "")))
 
 
 class ManifestError(Exception):
@@ -150,7 +162,7 @@ def render_csv(rows):
     return buf.getvalue().encode()
 
 
-def atomic_write(path, data, mode=0o644):
+def atomic_write(path, data, mode=0o640):
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
@@ -181,13 +193,32 @@ def _locked(directory, name):
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def append_rows(directory, new_rows, name="fleet", mode=0o644):
-    """Append ``new_rows`` to the manifest, rewriting JSON and CSV atomically. Returns all rows."""
+def blank_legacy_config_hashes(existing, new_rows):
+    """Return ``existing`` with the unkeyed ``config_sha256`` of every device that ``new_rows`` give a
+    keyed one blanked: the old value is not needed to decide any more and would let a reader of the
+    manifest test guesses of the Wi-Fi password. Rows are otherwise kept as they are."""
+    migrated = {
+        r["device_id"]
+        for r in new_rows
+        if r.get("config_sha256") and not is_legacy_config_hash(r["config_sha256"])
+    }
+    out = []
+    for row in existing:
+        if row.get("device_id") in migrated and is_legacy_config_hash(row.get("config_sha256")):
+            row = dict(row, config_sha256="")
+        out.append(row)
+    return out
+
+
+def append_rows(directory, new_rows, name="fleet", mode=0o640):
+    """Append ``new_rows`` to the manifest, rewriting JSON and CSV atomically. Returns all rows.
+
+    Earlier rows are kept; only their superseded unkeyed settings fingerprints are blanked."""
     rows = [normalize_row(r) for r in new_rows]
     os.makedirs(directory, exist_ok=True)
     json_path, csv_path = paths(directory, name)
     with _locked(directory, name):
-        existing = load_rows(directory, name)
+        existing = blank_legacy_config_hashes(load_rows(directory, name), rows)
         combined = existing + rows
         # CSV first: if we die between the two renames, the JSON (the source of truth) still holds
         # the previous complete state and the next write regenerates the CSV from it.

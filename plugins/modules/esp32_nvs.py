@@ -15,8 +15,10 @@ description:
   - Validates before building and names the offending key - key and namespace names of at most 15
     bytes, strings of at most 4000 bytes including the NUL, integers within their type, everything
     fitting in O(size) - where the upstream tool fails obscurely.
-  - The image holds secrets (client key, Wi-Fi password). O(namespaces) is C(no_log) and only the
-    image's SHA-256 and size are returned.
+  - The image holds secrets (client key, Wi-Fi password). O(namespaces) is C(no_log), and every string
+    value is masked in the output whatever its length (numbers, booleans and file paths are not), and
+    only the image's SHA-256, MD5, size and key names are returned. A short string value made only of
+    hex digits may therefore mask part of a returned digest; the image is not affected.
 version_added: "0.1.0"
 author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 requirements:
@@ -126,9 +128,8 @@ from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_nvsbu
     NVSGEN_REQUIREMENT,
     build,
     parse_size,
+    secret_strings,
 )
-
-MASK_MIN_LEN = 8
 
 
 def sha256_file(path):
@@ -150,11 +151,9 @@ def main():
         supports_check_mode=True,
     )
     # no_log on `namespaces` makes Ansible mask every value of it wherever it appears in the result,
-    # including inside the returned hex digests ("30" or "lab" occur in a sha256). Keep masking the
-    # values that can be secrets - a WPA2 passphrase is at least 8 characters, keys and certificates
-    # far longer - and drop the short ones and numbers, which would only corrupt the hashes. The
-    # result never contains values anyway.
-    module.no_log_values = {v for v in module.no_log_values if len(v) >= MASK_MIN_LEN}
+    # numbers and type names too ("30" occurs in most sha256 digests). Mask exactly the string values,
+    # whatever their length: those are the secrets. The result never contains values anyway.
+    module.no_log_values = secret_strings(module.params["namespaces"])
     if not HAS_NVSGEN:
         module.fail_json(msg=missing_required_lib(NVSGEN_REQUIREMENT), exception=NVSGEN_IMPORT_ERROR)
     dest = module.params["dest"]

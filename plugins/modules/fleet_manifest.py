@@ -12,6 +12,9 @@ description:
   - Both files are rewritten atomically (temporary file and rename) under an exclusive lock; rows of
     earlier runs are always kept, so the manifest is a run log of every provisioning attempt.
   - The JSON file is the source of truth; the CSV is regenerated from the same rows.
+  - Earlier rows are kept as written, except that an unkeyed settings fingerprint (C(config_sha256)
+    of earlier releases, 64 hex digits) is blanked once a new row gives the same device a keyed one
+    (M(fleet_config_hash)), because the old value would let a reader test guesses of the Wi-Fi password.
   - Also returns a summary of the appended rows grouped by result.
 version_added: "0.1.0"
 author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
@@ -33,9 +36,11 @@ options:
     elements: dict
     required: true
   mode:
-    description: File mode of the manifest files.
+    description:
+      - File mode of the manifest files (each file gets it before it is renamed into place).
+      - Rows name ports, stations and certificates; keep the files away from other users.
     type: raw
-    default: "0644"
+    default: "0640"
 attributes:
   check_mode:
     description: Can run in check mode and report what it would change without changing it.
@@ -108,7 +113,7 @@ def main():
             "path": {"type": "path", "required": True},
             "name": {"type": "str", "default": "fleet"},
             "rows": {"type": "list", "elements": "dict", "required": True},
-            "mode": {"type": "raw", "default": "0644"},
+            "mode": {"type": "raw", "default": "0640"},
         },
         supports_check_mode=True,
     )

@@ -138,3 +138,24 @@ def test_concurrent_writers_lose_no_row(tmp_path):
     assert len(read_csv(tmp_path)) == 60
     assert len({r["device_id"] for r in rows}) == 60
     assert os.path.getsize(tmp_path / "fleet.json") > 0
+
+
+def test_files_are_0640_by_default_even_over_an_older_0644_manifest(tmp_path):
+    fm.append_rows(tmp_path, [row("b1")])
+    os.chmod(tmp_path / "fleet.json", 0o644)
+    fm.append_rows(tmp_path, [row("b1", "unchanged")])
+    for name in ("fleet.json", "fleet.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640
+
+
+def test_an_unkeyed_settings_hash_is_blanked_once_the_device_has_a_keyed_one(tmp_path):
+    old = "ab" * 32
+    fm.append_rows(tmp_path, [row("b1", config_sha256=old), row("b2", config_sha256=old)])
+    fm.append_rows(tmp_path, [row("b1", "unchanged", config_sha256="hmac-sha256:" + "cd" * 32)])
+    rows = fm.load_rows(tmp_path)
+    assert [(r["device_id"], r["result"], r["config_sha256"]) for r in rows] == [
+        ("b1", "provisioned", ""),  # superseded: blanked, the row itself kept
+        ("b2", "provisioned", old),  # b2 has no keyed value yet: still needed to decide
+        ("b1", "unchanged", "hmac-sha256:" + "cd" * 32),
+    ]
+    assert [r["config_sha256"] for r in read_csv(tmp_path)] == ["", old, "hmac-sha256:" + "cd" * 32]

@@ -165,3 +165,60 @@ def test_fit_error_names_the_key_where_space_ran_out(run_module, tmp_path):
     assert "do not fit" in result["msg"] and "app.k" in result["msg"]
     fits = run_module("esp32_nvs", dict(dest=str(tmp_path / "n.bin"), namespaces=namespaces, size="0x10000"))
     assert fits["changed"] is True and fits["size"] == 0x10000
+
+
+def test_a_short_secret_is_masked_at_any_verbosity(tmp_path):
+    """A 7-character Wi-Fi password (shorter than any length rule) never shows, even with -vvv."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    secret = "Zq7#xkW"
+    play = [
+        {
+            "name": "Build an image holding a short secret",
+            "hosts": "localhost",
+            "gather_facts": False,
+            "tasks": [
+                {
+                    "name": "Build the image",
+                    "esp32_nvs": {
+                        "dest": str(tmp_path / "nvs.bin"),
+                        "namespaces": {
+                            "wifi": {"ssid": "lab", "password": secret},
+                            "app": {"interval_s": {"type": "u16", "value": 30}},
+                        },
+                    },
+                    "register": "nvs",
+                },
+                {"name": "Show the result", "ansible.builtin.debug": {"var": "nvs"}},
+            ],
+        }
+    ]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(root / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-vvv",
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            str(tmp_path / "play.yml"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "invocation" in out  # -vvv shows the module's arguments: the place a leak would be
+    assert secret not in out
+    # Numbers are not masked, so the returned digests stay intact.
+    sha256 = hashlib.sha256((tmp_path / "nvs.bin").read_bytes()).hexdigest()
+    assert sha256 in out

@@ -14,7 +14,14 @@ from ansible.module_utils import basic
 from ansible.utils.plugin_docs import merge_fragment
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ["esp32_info", "esp32_flash", "esp32_nvs"]
+MODULES = [
+    "esp32_info",
+    "esp32_flash",
+    "esp32_nvs",
+    "fleet_config_hash",
+    "fleet_manifest",
+    "fleet_manifest_info",
+]
 
 
 def documentation(module):
