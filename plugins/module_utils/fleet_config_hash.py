@@ -1,3 +1,5 @@
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The settings fingerprint recorded in the fleet manifest (its ``config_sha256`` column).
 
 A board is re-provisioned when what would be written to its NVS changes (broker, ids, Wi-Fi, CA,
@@ -22,7 +24,9 @@ import os
 import secrets as _random
 import tempfile
 
-from ansible.module_utils.fleet_manifest import is_legacy_config_hash
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_manifest import (
+    is_legacy_config_hash,
+)
 
 PREFIX = "hmac-sha256:"
 KEY_BYTES = 32

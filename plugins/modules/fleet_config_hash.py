@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: esp32-mqtt-fleet contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Fingerprint a board's settings with the controller's key and compare with the recorded one."""
 
 DOCUMENTATION = r"""
@@ -18,7 +20,7 @@ description:
     secret) is accepted when it matches, so an upgrade does not re-flash the fleet; the next row
     records the keyed value.
 version_added: "0.2.0"
-author: esp32-mqtt-fleet
+author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
 options:
   key_path:
     description: File holding the HMAC key on the controller; created (0600) when missing.
@@ -38,15 +40,17 @@ options:
     default: ""
 attributes:
   check_mode:
+    description: Can run in check mode and report what it would change without changing it.
     support: full
     details: A missing key is not created; O(recorded) is then compared in the unkeyed form only.
   diff_mode:
+    description: Reports a before/after diff of what it changes, when run with --diff.
     support: none
 """
 
 EXAMPLES = r"""
 - name: Fingerprint the board's settings
-  fleet_config_hash:
+  esp32_fleet.mqtt_fleet.fleet_config_hash:
     key_path: /srv/fleet/manifests/.config-hmac.key
     settings:
       device_id: esp32-sim-01
@@ -80,7 +84,13 @@ key_created:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.fleet_config_hash import ConfigHashError, decide, ensure_key, keyed, read_key
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_config_hash import (
+    ConfigHashError,
+    decide,
+    ensure_key,
+    keyed,
+    read_key,
+)
 
 
 def main():

@@ -11,17 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ansible.module_utils
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-# Resolve `from ansible.module_utils.fleet_* import ...` as ansible.cfg's module_utils does.
-if str(ROOT / "plugins" / "module_utils") not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(str(ROOT / "plugins" / "module_utils"))
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import fleet_config_hash as ch  # noqa: E402
 
-from ansible.module_utils import fleet_config_hash as ch  # noqa: E402
-
+MODULE = "esp32_fleet.mqtt_fleet.fleet_config_hash"
 SETTINGS = {
     "device_id": "esp32-sim-01",
     "broker_uri": "mqtts://broker.test:8883",
@@ -135,28 +131,34 @@ def test_module_check_mode_creates_nothing_then_real_runs_create_once(tmp_path):
         "secrets": SECRETS,
         "recorded": ch.legacy(SETTINGS, SECRETS),
     }
-    check, _ = ansible("fleet_config_hash", args, "--check")
+    check, _ = ansible(MODULE, args, "--check")
     assert check["changed"] is True and check["config_sha256"] == ""
     assert (check["recorded_matches"], check["recorded_style"]) == (True, "legacy")
     assert not path.exists()
 
-    first, out = ansible("fleet_config_hash", args)
+    first, out = ansible(MODULE, args)
     assert first["changed"] is True and first["key_created"] is True
     assert (first["recorded_matches"], first["recorded_style"]) == (True, "legacy")
     assert "hunter2" not in out
 
-    again, _ = ansible("fleet_config_hash", dict(args, recorded=first["config_sha256"]))
+    again, _ = ansible(
+        "esp32_fleet.mqtt_fleet.fleet_config_hash", dict(args, recorded=first["config_sha256"])
+    )
     assert again["changed"] is False
     assert again["config_sha256"] == first["config_sha256"]
     assert (again["recorded_matches"], again["recorded_style"]) == (True, "keyed")
-    check, _ = ansible("fleet_config_hash", dict(args, recorded=first["config_sha256"]), "--check")
+    check, _ = ansible(
+        "esp32_fleet.mqtt_fleet.fleet_config_hash", dict(args, recorded=first["config_sha256"]), "--check"
+    )
     assert check["changed"] is False and check["recorded_style"] == "keyed"
 
 
 def test_module_reports_a_damaged_key_cleanly(tmp_path):
     path = tmp_path / ".config-hmac.key"
     path.write_text("short\n")
-    res, _ = ansible("fleet_config_hash", {"key_path": str(path), "settings": SETTINGS})
+    res, _ = ansible(
+        "esp32_fleet.mqtt_fleet.fleet_config_hash", {"key_path": str(path), "settings": SETTINGS}
+    )
     assert res["failed"] is True
     assert "does not hold a key" in res["msg"]
     assert "Traceback" not in json.dumps(res)
