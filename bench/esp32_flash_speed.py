@@ -63,7 +63,11 @@ def credentials():
 
 def playbook(tmp, tasks):
     play = tmp / "play.yml"
-    play.write_text(json.dumps([dict(hosts="localhost", gather_facts=False, tasks=tasks)]))
+    play.write_text(
+        json.dumps(
+            [dict(hosts="localhost", gather_facts=False, collections=["esp32_fleet.mqtt_fleet"], tasks=tasks)]
+        )
+    )
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),

@@ -49,7 +49,7 @@ options:
   size:
     description: Partition size in bytes (integer or string such as V(0x6000)); a multiple of 4096, >= 0x3000.
     type: raw
-    default: 0x6000
+    default: "0x6000"
   version:
     description: NVS format version. V(2) (ESP-IDF 4.x and later) allows multi-page blobs.
     type: int

@@ -225,7 +225,16 @@ def run_playbook(tmp_path, tasks, check=False, diff=False, extra_vars=None):
     `results` is the list of task results of the single host, in order.
     """
     playbook = tmp_path / "play.yml"
-    play = [dict(name="Exercise esp32 modules", hosts="localhost", gather_facts=False, tasks=tasks)]
+    # The tasks name the modules briefly; the play's collection search list resolves them.
+    play = [
+        dict(
+            name="Exercise esp32 modules",
+            hosts="localhost",
+            gather_facts=False,
+            collections=["esp32_fleet.mqtt_fleet"],
+            tasks=tasks,
+        )
+    ]
     playbook.write_text(json.dumps(play))
     env = dict(
         os.environ,

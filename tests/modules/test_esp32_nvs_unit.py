@@ -182,7 +182,7 @@ def test_a_short_secret_is_masked_at_any_verbosity(tmp_path):
             "tasks": [
                 {
                     "name": "Build the image",
-                    "esp32_nvs": {
+                    "esp32_fleet.mqtt_fleet.esp32_nvs": {
                         "dest": str(tmp_path / "nvs.bin"),
                         "namespaces": {
                             "wifi": {"ssid": "lab", "password": secret},
