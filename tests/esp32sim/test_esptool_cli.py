@@ -213,3 +213,17 @@ def test_write_erases_only_the_sectors_it_touches(sim_factory, tmp_path, stub_ar
     image = _flash_file(sim)
     assert image[0x10000:0x11000] == b"\x5a" * SECTOR
     assert image[0x8000:0x8C00] == steps[1][1]
+
+
+def test_read_flash_sfdp(sim_factory, stub_args):
+    """Issue item 10: the SFDP register of the W25Q32, as esptool's own test_flash_sfdp reads it."""
+    sim = sim_factory("pty")
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "0", "4").output
+    assert "SFDP[0..3]: 0x53 0x46 0x44 0x50" in out
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "1", "3").output
+    assert "SFDP[1..3]: 0x46 0x44 0x50" in out
+    # The basic flash parameter table (pointer at 0x0C) states the density: 2^25 bits - 1 = 4 MiB.
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "0x0c", "3").output
+    assert "SFDP[12..14]: 0x80 0x00 0x00" in out
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "0x84", "4").output
+    assert "SFDP[132..135]: 0xff 0xff 0xff 0x01" in out
