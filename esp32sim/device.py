@@ -101,12 +101,16 @@ class Flash:
             self._mem = bytearray(b"\xff" * size)
             self._fd = None
             return
-        # The flash holds the device's private key: owner-only from the first byte (created so,
-        # whatever the umask), and an older image left readable by others is closed up.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # The flash holds the device's private key: a new image is created owner-only (a umask
+        # can only narrow 0600), and an existing one left readable by others is closed up.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR)
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) and mode & 0o077:
+                os.fchmod(fd, 0o600)
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
         current = st.st_size
         if current < size:
             # A new (or short) image is padded with erased flash, never zeroes.
