@@ -37,16 +37,16 @@ FLASH_RDID = bytes([0xEF, 0x40, 0x16])
 # Its 256-byte SFDP register (JESD216A, what READ SFDP 5Ah returns; only A7-A0 select a byte): the
 # header "SFDP" rev 1.5 with one parameter header, the JEDEC basic flash parameter table (16
 # dwords at 0x80), 0xFF elsewhere. The table is the one a W25Q128JV (EF 40 18) dumps, published
-# with Linux commit 83e824a4 "mtd: spi-nor: Correct flags for Winbond w25q128", the 32 Mbit part
-# of the same series differing in its density dword (bits - 1 = 0x01FFFFFF).
-_BFPT = bytes.fromhex(
-    "e520f9ff" "ffffff01" "44eb086b" "083b42bb" "feffffff" "ffff0000" "ffff40eb" "0c200f52"
-    "10d80000" "3602a600" "82ea14c9" "e9637633" "7a757a75" "f7a2d55c" "19f74dff" "e930f880"
+# with Linux commit 83e824a4 "mtd: spi-nor: Correct flags for Winbond w25q128"; the 32 Mbit part
+# of the same series differs in its second dword, the density (bits - 1).
+_BFPT_TAIL = bytes.fromhex(
+    "44eb086b" "083b42bb" "feffffff" "ffff0000" "ffff40eb" "0c200f52" "10d80000"
+    "3602a600" "82ea14c9" "e9637633" "7a757a75" "f7a2d55c" "19f74dff" "e930f880"
 )  # fmt: skip
+_BFPT = bytes.fromhex("e520f9ff") + (FLASH_SIZE * 8 - 1).to_bytes(4, "little") + _BFPT_TAIL
 FLASH_SFDP = (
     b"SFDP" + bytes([0x05, 0x01, 0x00, 0xFF]) + bytes([0x00, 0x05, 0x01, 0x10, 0x80, 0x00, 0x00, 0xFF])
 ).ljust(0x80, b"\xff") + _BFPT.ljust(0x80, b"\xff")
-assert int.from_bytes(_BFPT[4:8], "little") == FLASH_SIZE * 8 - 1
 
 # SPI0 registers of the USR (user command) unit that esptool's run_spiflash_command programs.
 SPI_CMD, SPI_ADDR, SPI_USR, SPI_USR1, SPI_USR2, SPI_MISO_DLEN = 0x00, 0x04, 0x1C, 0x20, 0x24, 0x2C
@@ -110,8 +110,7 @@ class Flash:
             mode = os.fstat(fd).st_mode
             if stat.S_ISREG(mode) and mode & 0o077:
                 os.fchmod(fd, 0o600)
-        st = os.fstat(fd)
-        current = st.st_size
+        current = os.fstat(fd).st_size
         if current < size:
             # A new (or short) image is padded with erased flash, never zeroes.
             os.lseek(fd, current, os.SEEK_SET)
