@@ -9,7 +9,7 @@ import struct
 import zlib
 
 from . import slip
-from .device import CHIP_IDS, SECTOR, Faults, Flash, Registers
+from .device import BLOCK, CHIP_IDS, SECTOR, Faults, Flash, Registers
 
 # Opcodes (esptool loader.py ESP_CMDS).
 FLASH_BEGIN = 0x02
@@ -107,6 +107,7 @@ class Session:
         self._mem_segments = []
         self._flash = None  # state of a FLASH_BEGIN / FLASH_DEFL_BEGIN in progress
         self._read = None  # state of a stub READ_FLASH stream
+        self.regs.power_on()
         self.regs.baud = self.baud
         self.regs.chip = self.faults.chip
 
@@ -224,6 +225,7 @@ class Session:
 
     def _op_0d(self, data, chk):  # SPI_ATTACH (ROM takes 8 bytes, the stub 4)
         self._params(data, "<I" if self.stub else "<II", exact=True)
+        self.regs.flash_attached = True
         return 0, b""
 
     def _op_0f(self, data, chk):  # CHANGE_BAUDRATE (new, old): answered at the old rate
@@ -294,6 +296,7 @@ class Session:
             # We cannot execute Xtensa code: anything started from uploaded RAM is taken to
             # be the flasher stub, which greets the host with a bare "OHAI" frame.
             self.stub = True
+            self.regs.flash_attached = True  # the stub attaches the flash before it says hello
             self._mem = None
             self._send(b"OHAI")
             self.log("flasher stub running")
@@ -307,6 +310,14 @@ class Session:
             raise CommandError(ROM_INVALID_MSG, STUB_BAD_BLOCKSIZE, f"block size {blocksize}")
         if not self.flash.check(offset, 0) or (offset >= self.flash.size and size):
             raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN, f"offset {offset:#x} outside flash")
+        # Both loaders erase whole sectors from the one holding `offset` to the one holding the
+        # last byte of `size`: the ROM all at once here, the stub as the data gets there. `size` is
+        # the erase size for the ROM (esptool sends the image size, rounded up to a 1 KiB block when
+        # compressed; only the ESP8266 ROM needs esptool's get_erase_size() workaround) and the exact
+        # byte count for the stub, which writes no more than that: the 0xFF padding esptool adds
+        # to the last block is dropped, so sectors after the image are never touched.
+        start = offset - offset % SECTOR
+        end = min(self.flash.size, -(-(offset + size) // SECTOR) * SECTOR) if size else start
         state = {
             "offset": offset,
             "size": size,
@@ -314,22 +325,28 @@ class Session:
             "blocksize": blocksize,
             "seq": 0,
             "written": 0,
-            "erased_to": offset - offset % SECTOR,
+            "next_erase": start,
+            "erase_end": end,
             "inflate": zlib.decompressobj() if compressed else None,
             "compressed": compressed,
         }
-        if self.stub:
-            # The stub erases lazily, sector by sector, just ahead of what it writes.
-            state["erase_end"] = min(self.flash.size, offset + size)
-        else:
-            # The ROM erases the whole region up front (whole sectors).
-            end = min(self.flash.size, offset + size)
-            start = offset - offset % SECTOR
-            end = -(-end // SECTOR) * SECTOR if end > start else start
-            self.flash.erase(start, end - start)
-            state["erased_to"] = end
         self._flash = state
+        if self.stub:
+            # esp-flasher-stub (esptool's default stub) starts the first erase at FLASH_BEGIN.
+            self._stub_erase_step(state)
+        else:
+            self.flash.erase(start, end - start)
+            state["next_erase"] = end
         return 0, b""
+
+    def _stub_erase_step(self, state):
+        """One erase of the stub: a 64 KiB block where aligned and wholly wanted, else a sector."""
+        addr, end = state["next_erase"], state["erase_end"]
+        if addr >= end:
+            return
+        n = BLOCK if addr % BLOCK == 0 and end - addr >= BLOCK else SECTOR
+        self.flash.erase(addr, n)
+        state["next_erase"] = addr + n
 
     def _op_02(self, data, chk):  # FLASH_BEGIN
         return self._begin(data, compressed=False)
@@ -356,6 +373,9 @@ class Session:
             return None
         self.write_blocks += 1
         if compressed:
+            if self.stub:
+                # The stub erases opportunistically while it inflates (one erase per pass).
+                self._stub_erase_step(state)
             try:
                 plain = state["inflate"].decompress(block)
             except zlib.error as e:
@@ -377,14 +397,18 @@ class Session:
 
     def _program(self, state, plain):
         addr = state["offset"] + state["written"]
+        if self.stub:
+            remaining = state["size"] - state["written"]
+            if state["compressed"] and len(plain) > remaining:
+                raise CommandError(ROM_FLASH_WRITE_ERR, STUB_TOO_MUCH_DATA, "more data than FLASH_BEGIN said")
+            plain = plain[:remaining]  # the padding of the last block is not written
         if not self.flash.check(addr, len(plain)):
             raise CommandError(ROM_FLASH_WRITE_ERR, STUB_TOO_MUCH_DATA, "write past end of flash")
         if self.stub:
-            end = addr + len(plain)
-            if end > state["erased_to"]:
-                new_end = min(self.flash.size, -(-end // SECTOR) * SECTOR)
-                self.flash.erase(state["erased_to"], new_end - state["erased_to"])
-                state["erased_to"] = new_end
+            # Erase just ahead of the write, never past the last sector FLASH_BEGIN asked for.
+            while state["next_erase"] < min(addr + len(plain), state["erase_end"]):
+                self._stub_erase_step(state)
+        # The ROM writes whole blocks, padding included: 0xFF programs nothing on NOR flash.
         self.flash.program(addr, plain)
         state["written"] += len(plain)
 
@@ -407,6 +431,7 @@ class Session:
             # The stub's "reboot" is esptool's soft reset into the ROM bootloader.
             self.log("stub: soft reset back into the ROM bootloader")
             self.stub = False
+            self.regs.power_on()
         return None
 
     def _op_04(self, data, chk):  # FLASH_END

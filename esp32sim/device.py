@@ -2,11 +2,13 @@
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
 FLASH_SIZE = 4 * 1024 * 1024
-SECTOR = 0x1000
+SECTOR = 0x1000  # erase sector
+BLOCK = 0x10000  # erase block (64 KiB), which the flasher stub uses where it can
 
 # Chip-detect magic words at 0x40001000 (esptool targets/*.py MAGIC_VALUE).
 CHIP_MAGIC = {
@@ -30,8 +32,28 @@ RTCCALICFG1 = 0x3FF5F06C
 XTAL_HZ = 40_000_000
 
 DEFAULT_MAC = "24:0a:c4:00:00:01"
-# Winbond W25Q32 (JEDEC EF 40 16): 4 MiB. The SPI W0 register holds the bytes LSB first.
-FLASH_JEDEC = 0x1640EF
+# Winbond W25Q32JV: RDID answers manufacturer EF, memory type 40, capacity 16 (2^0x16 = 4 MiB).
+FLASH_RDID = bytes([0xEF, 0x40, 0x16])
+# Its 256-byte SFDP register (JESD216A, what READ SFDP 5Ah returns; only A7-A0 select a byte): the
+# header "SFDP" rev 1.5 with one parameter header, the JEDEC basic flash parameter table (16
+# dwords at 0x80), 0xFF elsewhere. The table is the one a W25Q128JV (EF 40 18) dumps, published
+# with Linux commit 83e824a4 "mtd: spi-nor: Correct flags for Winbond w25q128"; the 32 Mbit part
+# of the same series differs in its second dword, the density (bits - 1).
+_BFPT_TAIL = bytes.fromhex(
+    "44eb086b" "083b42bb" "feffffff" "ffff0000" "ffff40eb" "0c200f52" "10d80000"
+    "3602a600" "82ea14c9" "e9637633" "7a757a75" "f7a2d55c" "19f74dff" "e930f880"
+)  # fmt: skip
+_BFPT = bytes.fromhex("e520f9ff") + (FLASH_SIZE * 8 - 1).to_bytes(4, "little") + _BFPT_TAIL
+FLASH_SFDP = (
+    b"SFDP" + bytes([0x05, 0x01, 0x00, 0xFF]) + bytes([0x00, 0x05, 0x01, 0x10, 0x80, 0x00, 0x00, 0xFF])
+).ljust(0x80, b"\xff") + _BFPT.ljust(0x80, b"\xff")
+
+# SPI0 registers of the USR (user command) unit that esptool's run_spiflash_command programs.
+SPI_CMD, SPI_ADDR, SPI_USR, SPI_USR1, SPI_USR2, SPI_MISO_DLEN = 0x00, 0x04, 0x1C, 0x20, 0x24, 0x2C
+SPI_W0 = 0x80
+SPI_CMD_USR = 1 << 18
+SPI_USR_ADDR = 1 << 30
+SPI_USR_MISO = 1 << 28
 
 
 def parse_mac(text: str) -> bytes:
@@ -79,7 +101,15 @@ class Flash:
             self._mem = bytearray(b"\xff" * size)
             self._fd = None
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # The flash holds the device's private key: a new image is created owner-only (a umask
+        # can only narrow 0600), and an existing one left readable by others is closed up.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR)
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) and mode & 0o077:
+                os.fchmod(fd, 0o600)
         current = os.fstat(fd).st_size
         if current < size:
             # A new (or short) image is padded with erased flash, never zeroes.
@@ -173,6 +203,15 @@ class Registers:
     baud: int = 115200
     spi: dict = field(default_factory=dict)
     ram: dict = field(default_factory=dict)
+    # The ESP32 ROM in download mode leaves the SPI flash detached until SPI_ATTACH (esptool's
+    # attach_flash); the flasher stub attaches it when it starts.
+    flash_attached: bool = False
+
+    def power_on(self):
+        """A reset: peripheral registers back to their reset values, the flash detached."""
+        self.spi.clear()
+        self.ram.clear()
+        self.flash_attached = False
 
     def efuse_words(self) -> list[int]:
         m = self.mac
@@ -215,17 +254,37 @@ class Registers:
         if SPI0_BASE <= addr < SPI0_BASE + 0x100:
             off = addr - SPI0_BASE
             self.spi[off] = value
-            if off == 0x00 and value & (1 << 18):
+            if off == SPI_CMD and value & SPI_CMD_USR:
                 self._spi_user_command()
             return
         self.ram[addr] = value
 
     def _spi_user_command(self):
-        """Run the SPI USR command esptool set up (flash id, status registers)."""
-        command = self.spi.get(0x24, 0) & 0xFFFF
-        # RDID answers the JEDEC id; RDSR/RDSR2/RDSR3, SFDP...: an idle, unprotected flash reads 0.
-        self.spi[0x80] = FLASH_JEDEC if command == 0x9F else 0
-        self.spi[0x00] = 0  # SPI_CMD_USR clears when done
+        """Clock the SPI USR transaction esptool set up through the flash chip (flash id, SFDP...)."""
+        usr = self.spi.get(SPI_USR, 0)
+        command = self.spi.get(SPI_USR2, 0) & 0xFF
+        addr = 0
+        if usr & SPI_USR_ADDR:
+            bits = ((self.spi.get(SPI_USR1, 0) >> 26) & 0x3F) + 1
+            addr = self.spi.get(SPI_ADDR, 0) >> (32 - bits)  # the ESP32 shifts the address out MSB first
+        nbytes = min(64, (self.spi.get(SPI_MISO_DLEN, 0) + 8) // 8) if usr & SPI_USR_MISO else 0
+        if not self.flash_attached:
+            # Nothing drives MISO before the flash is attached: it reads high (esptool's own
+            # test_attach_flash expects "Device: ffff" and SFDP 0xff there from a real chip).
+            answer = b"\xff" * nbytes
+        elif command == 0x9F:  # RDID
+            answer = FLASH_RDID.ljust(nbytes, b"\x00")[:nbytes]
+        elif command == 0x5A:  # READ SFDP
+            answer = bytes(FLASH_SFDP[(addr + i) & 0xFF] for i in range(nbytes))
+        else:
+            # RDSR/RDSR2/RDSR3 and the rest: an idle, unprotected flash reads 0.
+            answer = bytes(nbytes)
+        # MISO bytes land in W0.. from the least significant byte; the rest keeps its value.
+        buf = bytearray(b"".join(pack_word(self.spi.get(SPI_W0 + 4 * i, 0)) for i in range(16)))
+        buf[:nbytes] = answer
+        for i in range(16):
+            self.spi[SPI_W0 + 4 * i] = struct.unpack_from("<I", buf, 4 * i)[0]
+        self.spi[SPI_CMD] = 0  # SPI_CMD_USR clears when done
 
 
 def pack_word(value: int) -> bytes:

@@ -111,7 +111,7 @@ def start(args) -> int:
         print(f"esp32sim fleet: {e}", file=sys.stderr)
         return 2
     d = cfg["dir"]
-    os.makedirs(d, exist_ok=True)
+    os.makedirs(d, mode=0o700, exist_ok=True)  # holds the boards' flash, i.e. their keys
     cfg_path, pidfile, logfile = _paths(d)
     current = status(d)
     if current["alive"]:

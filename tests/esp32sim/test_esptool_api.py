@@ -8,13 +8,17 @@ from esptool.cmds import (
     attach_flash,
     connect_esp,
     detect_chip,
+    detect_flash_size,
     erase_region,
+    flash_id,
     read_flash,
+    read_flash_sfdp,
     reset_chip,
     run_stub,
     verify_flash,
     write_flash,
 )
+from esptool.targets import ESP32ROM
 from esptool.util import FatalError
 
 from .conftest import run_esptool
@@ -128,3 +132,36 @@ def test_baud_pacing_is_not_faster_than_the_line(sim_factory, transport):
         esp = run_stub(esp)
     elapsed = time.monotonic() - t
     assert elapsed >= stub_bytes * 10 / 115200
+
+
+def test_attach_flash_as_a_real_chip(sim_factory, capsys):
+    """Issue item 11, esptool's own test_attach_flash: before SPI_ATTACH the ROM reaches no flash."""
+    sim = sim_factory("pty")
+    with ESP32ROM(sim.port) as esp:
+        esp.connect()
+        assert detect_flash_size(esp) is None
+        flash_id(esp)
+        read_flash_sfdp(esp, 0, 4)
+        pre = capsys.readouterr().out
+        attach_flash(esp)
+        assert detect_flash_size(esp) == "4MB"
+        flash_id(esp)
+        read_flash_sfdp(esp, 0, 4)
+        post = capsys.readouterr().out
+    assert "Detected flash size: Unknown" in pre and "Device: ffff" in pre
+    assert "SFDP[0..3]: 0xff 0xff 0xff 0xff" in pre
+    assert "Manufacturer: ef" in post and "Device: 4016" in post and "Detected flash size: 4MB" in post
+    assert "SFDP[0..3]: 0x53 0x46 0x44 0x50" in post
+
+
+def test_stub_attaches_the_flash_itself(sim_factory):
+    """The flasher stub attaches the flash when it starts; a new power-on detaches it again."""
+    sim = sim_factory("pty")
+    with ESP32ROM(sim.port) as esp:
+        esp.connect()
+        esp = run_stub(esp)
+        assert detect_flash_size(esp) == "4MB"
+        assert esp.read_spiflash_sfdp(0, 32) == int.from_bytes(b"SFDP", "little")
+    with ESP32ROM(sim.port) as esp:  # reopening the port is a reset
+        esp.connect()
+        assert esp.flash_id(cache=False) == 0xFFFFFF

@@ -166,3 +166,64 @@ def test_write_whole_flash_compressed_md5(sim_factory):
     assert f"({len(zlib.compress(data, 9))} compressed)" in out
     image = _flash_file(sim)
     assert hashlib.md5(image[0x100000:0x200000]).digest() == hashlib.md5(data).digest()
+
+
+SECTOR = 0x1000
+
+
+def _expect_write(flash, addr, data):
+    """What a real ESP32 leaves after writing `data` at `addr`: the sectors the image touches are
+    erased whole (stub) or from esptool's aligned start (ROM) and then programmed; nothing else."""
+    start = addr - addr % SECTOR
+    end = -(-(addr + len(data)) // SECTOR) * SECTOR
+    flash[start:end] = b"\xff" * (end - start)
+    flash[addr : addr + len(data)] = data
+
+
+@pytest.mark.parametrize("compress", ["--compress", "--no-compress"])
+def test_write_erases_only_the_sectors_it_touches(sim_factory, tmp_path, stub_args, compress):
+    """Issue item 9: a 1 KiB image at 0xFC00 leaves the sector at 0x10000 alone, and a bootloader
+    written at 0x1000 after the partition table at 0x8000 leaves the table alone."""
+    flash_path = tmp_path / "used.flash"
+    # A used board: every byte programmed (0x5A is neither erased 0xFF nor a state NOR reaches
+    # from the images below by programming alone), so any stray erase shows up.
+    flash_path.write_bytes(b"\x5a" * FLASH_SIZE)
+    sim = sim_factory("pty", flash=flash_path)
+    expected = bytearray(flash_path.read_bytes())
+    steps = [
+        (0xFC00, _image(1024, 11)),  # ends exactly at the sector boundary 0x10000
+        (0x8000, _image(0xC00, 12)),  # partition table
+        (0x1000, _image(0x6A00 + 123, 13)),  # bootloader: its last 16 KiB stub block reaches 0x9000
+    ]
+    problems = []  # every step is checked, so one run shows each sequence that goes wrong
+    for addr, data in steps:
+        image = tmp_path / f"{addr:x}.bin"
+        image.write_bytes(data)
+        out = run_esptool(sim.port, *stub_args, "write-flash", compress, hex(addr), str(image)).output
+        assert "Hash of data verified." in out
+        assert ("compressed)" in out) == (compress == "--compress"), out
+        _expect_write(expected, addr, data)
+        actual = _flash_file(sim)
+        changed = [
+            hex(a) for a in range(0, FLASH_SIZE, SECTOR) if actual[a : a + SECTOR] != expected[a : a + SECTOR]
+        ]
+        if changed:
+            problems.append(f"after writing {len(data)} bytes at {addr:#x}, sectors differ: {changed}")
+    assert not problems, problems
+    image = _flash_file(sim)
+    assert image[0x10000:0x11000] == b"\x5a" * SECTOR
+    assert image[0x8000:0x8C00] == steps[1][1]
+
+
+def test_read_flash_sfdp(sim_factory, stub_args):
+    """Issue item 10: the SFDP register of the W25Q32, as esptool's own test_flash_sfdp reads it."""
+    sim = sim_factory("pty")
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "0", "4").output
+    assert "SFDP[0..3]: 0x53 0x46 0x44 0x50" in out
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "1", "3").output
+    assert "SFDP[1..3]: 0x46 0x44 0x50" in out
+    # The basic flash parameter table (pointer at 0x0C) states the density: 2^25 bits - 1 = 4 MiB.
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "0x0c", "3").output
+    assert "SFDP[12..14]: 0x80 0x00 0x00" in out
+    out = run_esptool(sim.port, *stub_args, "read-flash-sfdp", "0x84", "4").output
+    assert "SFDP[132..135]: 0xff 0xff 0xff 0x01" in out

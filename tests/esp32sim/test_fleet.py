@@ -1,16 +1,24 @@
 """Fleet mode: N boards with their own pty, MAC and flash; idempotent start; clean stop."""
 
 import json
+import os
 import random
+import stat
 import subprocess
 
 import pytest
 
+from esp32sim.device import Flash
+
 from .conftest import ESP32SIM, run_esptool
 
 
-def _sim(*args):
-    return subprocess.run([ESP32SIM, *args], capture_output=True, text=True, timeout=60)
+def _sim(*args, **kw):
+    return subprocess.run([ESP32SIM, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def _running(pid):
@@ -85,3 +93,23 @@ def test_fleet_rejects_bad_arguments(tmp_path):
     assert bad.returncode == 2 and "0 <= I < 2" in bad.stderr
     bad = _sim("serve", "--tcp", "127.0.0.1:0", "--flash", str(tmp_path / "f"), "--fault", "explode")
     assert bad.returncode == 2 and "unknown fault" in bad.stderr
+
+
+def test_lab_flash_files_are_private(fleet_dir, tmp_path):
+    """Issue item 8: a board's flash holds its key: the lab directory 0700, each flash file 0600,
+    even under umask 0 (so the mode is the one they are created with, not a later chmod)."""
+    started = _sim("fleet", "start", "--count", "2", "--dir", str(fleet_dir), umask=0)
+    assert started.returncode == 0, started.stderr
+    assert _mode(fleet_dir) == 0o700
+    assert [_mode(fleet_dir / f"ttyUSB{i}.flash") for i in range(2)] == [0o600, 0o600]
+
+    old = os.umask(0)
+    try:
+        Flash(str(tmp_path / "new.flash")).close()
+        (tmp_path / "old.flash").write_bytes(b"\xff" * 4096)  # an image from before, 0666 here
+        assert _mode(tmp_path / "old.flash") == 0o666
+        Flash(str(tmp_path / "old.flash")).close()
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "new.flash") == 0o600
+    assert _mode(tmp_path / "old.flash") == 0o600
