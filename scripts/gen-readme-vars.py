@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Generate the README's role variable tables from each role's meta/argument_specs.yml.
+"""Generate each role README's variable table from the role's meta/argument_specs.yml.
 
 Every input is documented twice (defaults/main.yml comments and argument specs) but written into the
-README only from the specs, so the table cannot drift. The README holds one block per role:
+README only from the specs, so the table cannot drift. Every role with argument specs has a
+roles/<role>/README.md holding one block for its own variables:
 
     <!-- BEGIN VARS pki -->
     ... generated ...
     <!-- END VARS pki -->
 
-Usage: scripts/gen-readme-vars.py [--check] [README]   (--check: exit 1 when the README is stale)
+Usage: scripts/gen-readme-vars.py [--check] [--root DIR]
+(--check: exit 1 when a table is stale; a role README or block that is missing is an error either way,
+since the generator cannot know where the table belongs.)
 """
 
 import argparse
@@ -34,8 +37,8 @@ def _default(spec):
     return f"`{_cell(dumped.removesuffix('...').strip())}`"
 
 
-def render(role):
-    specs = yaml.safe_load((ROOT / "roles" / role / "meta" / "argument_specs.yml").read_text())
+def render(spec_file):
+    specs = yaml.safe_load(spec_file.read_text())
     options = specs["argument_specs"]["main"].get("options", {})
     rows = ["| variable | type | default | description |", "|---|---|---|---|"]
     for name in sorted(options):
@@ -50,22 +53,44 @@ def render(role):
     return "\n".join(rows) + "\n"
 
 
+def update(root, check):
+    """Rewrite (or, with check, only compare) every role README; return the list of problems."""
+    problems = []
+    for spec_file in sorted(root.glob("roles/*/meta/argument_specs.yml")):
+        role = spec_file.parent.parent.name
+        path = spec_file.parent.parent / "README.md"
+        rel = path.relative_to(root)
+        if not path.is_file():
+            problems.append(f"{rel} is missing (it must hold the block <!-- BEGIN VARS {role} -->)")
+            continue
+        text = path.read_text()
+        blocks = [m.group("role") for m in BLOCK.finditer(text)]
+        if blocks != [role]:
+            problems.append(
+                f"{rel} must hold exactly one block <!-- BEGIN VARS {role} --> ... "
+                f"<!-- END VARS {role} -->, found {blocks}"
+            )
+            continue
+        table = render(spec_file)
+        new = BLOCK.sub(lambda m, table=table: m.group(1) + table + m.group(3), text)
+        if new == text:
+            continue
+        if check:
+            problems.append(f"{rel} is stale: run scripts/gen-readme-vars.py")
+        else:
+            path.write_text(new)
+    return problems
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true")
-    parser.add_argument("readme", nargs="?", default=str(ROOT / "README.md"))
+    parser.add_argument("--check", action="store_true", help="only report stale tables (exit 1)")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
     args = parser.parse_args()
-    path = Path(args.readme)
-    text = path.read_text()
-    new = BLOCK.sub(lambda m: m.group(1) + render(m.group("role")) + m.group(3), text)
-    if args.check:
-        if new != text:
-            print(f"{path} is stale: run scripts/gen-readme-vars.py", file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        path.write_text(new)
-    return 0
+    problems = update(args.root.resolve(), args.check)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
