@@ -71,7 +71,7 @@ pytest: venv
 molecule: venv image
 	$(BIN)/molecule test --all
 
-# Issue 8 benchmarks (bench/README in the README's Benchmarks section). Every script writes into
+# Benchmarks (bench/README.md). Every script writes into
 # bench/results/; the report is assembled even if one failed, then the target fails. converge.py
 # reconfigures this machine's broker with a throwaway CA, like `make site` would: run `make site`
 # afterwards to restore the project's own PKI.
