@@ -9,7 +9,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 "$bin/ansible-galaxy" collection build --force --output-path "$work" "$top" >/dev/null
-"$bin/ansible-galaxy" collection install --no-deps --offline -p "$work" "$work"/esp32_fleet-mqtt_fleet-*.tar.gz >/dev/null
+# --force: the checkout itself counts as an installed copy of this version (ansible.cfg's collections_path).
+"$bin/ansible-galaxy" collection install --force --no-deps --offline -p "$work/ansible_collections" "$work"/esp32_fleet-mqtt_fleet-*.tar.gz >/dev/null
 
 # ansible-test bootstraps pip in each venv with a script from a host this machine cannot reach; it
 # looks for a cached copy first. scripts/ansible-test-get-pip.py is that stand-in (see its docstring).

@@ -1,5 +1,10 @@
 """CA rotation end to end: introduce → switch → retire through the scenario's converge (= site.yml).
 
+Last in verify (after the revocation test): the fleet it rotates is the one the scenario converged,
+with board 01 revoked, so the rotation is proven with a revoked device in the fleet too (it must not
+hold the rotation up, and stays revoked). This used to be a scenario of its own that converged the
+same site a second time; here it costs only its phases.
+
 One ordered test, because each phase starts from the state the previous one left. After each phase:
 a second run changes nothing, both boards boot from their flash and publish over mTLS, and the
 broker serves the certificate of the CA the phase says. A client certificate of the OLD CA, made
@@ -23,7 +28,8 @@ CONVERGE = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "converge.yml"
 INVENTORY = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
 PORT = int(os.environ["MQTT_DEVICE_PORT"])
 BIN = Path(sys.executable).parent
-BOARDS = {"esp32-mol-01": LAB / "ttyUSB0.flash", "esp32-mol-02": LAB / "ttyUSB1.flash"}
+# The boards still in service (esp32-mol-01 was revoked by test_fleet_zz_revoke.py).
+BOARDS = {"esp32-mol-02": LAB / "ttyUSB1.flash", "esp32-mol-03": LAB / "ttyUSB2.flash"}
 # The scenario's throwaway CA passphrase (molecule.yml), to sign a client certificate with the old CA.
 PASSPHRASE = os.environ["PKI_CA_PASSPHRASE"]
 NET_TIMEOUT = "60"  # x3 of an idle machine's need
@@ -152,3 +158,9 @@ def test_ca_rotation_end_to_end(tmp_path):
             assert not (PKI / "ca-next").exists()
             # The old CA's key is gone from the controller.
             assert not any(p.is_file() and p.read_bytes() == old_key for p in PKI.rglob("*"))
+            # The board revoked before the rotation stays revoked: on the new CA's list, and never
+            # issued a certificate by the new CA.
+            assert "esp32-mol-01" in (PKI / "ca" / "revoked.yml").read_text()
+            revoked_crt = PKI / "devices" / "esp32-mol-01.crt"
+            if revoked_crt.exists():
+                assert issuer_aki(x509.load_pem_x509_certificate(revoked_crt.read_bytes())) == old_ski
