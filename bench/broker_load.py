@@ -221,23 +221,39 @@ def free_ports(n):
 
 
 def render_config(tmp, ports, device_names, app_password):
-    """The role's templates and password module through ansible-playbook into tmp/etc."""
-    etc, certs, data = tmp / "etc", tmp / "certs", tmp / "data"
-    for d in (etc, certs, data):
-        d.mkdir()
+    """The benchmark's listeners, user and ACL rendered by the role into tmp/etc (render_role)."""
     listeners = {
         name: {"port": port, "address": "127.0.0.1", "tls_version": "tlsv1.2", "state": "present", **settings}
         for (name, settings), port in zip(LISTENERS.items(), ports, strict=True)
     }
+    users = [
+        {"name": APP_USER, "password": app_password, "acl": [{"access": "readwrite", "topic": "bench/#"}]}
+    ]
+    acl_extra = [{"user": DEVICE_SUB, "access": "read", "topic": f"devices/{DEVICE_PUB}/#"}]
+    proc = render_role(tmp, listeners, device_names, users, acl_extra)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"rendering the role's configuration failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+        )
+    return listeners
+
+
+def render_role(tmp, listeners, device_names, users, acl_extra, extra_vars=None):
+    """The role's templates and its acl/passwords task files through ansible-playbook into tmp/etc
+    (certificates are expected in tmp/certs, the database goes to tmp/data), after the role's
+    assert.yml accepted the inputs. Returns the finished ansible-playbook process. Also used by
+    tests/broker/ to run real brokers on the role's configuration."""
+    etc, certs, data = tmp / "etc", tmp / "certs", tmp / "data"
+    for d in (etc, certs, data):
+        d.mkdir(exist_ok=True)
     overrides = {
         "ansible_python_interpreter": sys.executable,
-        # The role's own listeners are replaced, not combined: the benchmark has only its four.
+        # The role's own listeners are replaced, not combined: only the caller's listeners.
         "mosquitto_listeners": listeners,
         "mosquitto_listeners_custom": {},
-        "mosquitto_users": [
-            {"name": APP_USER, "password": app_password, "acl": [{"access": "readwrite", "topic": "bench/#"}]}
-        ],
-        "mosquitto_acl_extra": [{"user": DEVICE_SUB, "access": "read", "topic": f"devices/{DEVICE_PUB}/#"}],
+        "mosquitto_users": users,
+        "mosquitto_acl_extra": acl_extra,
+        **(extra_vars or {}),
         "mosquitto_cert_dir": str(certs),
         # No revocation list: acl.yml reads <pki>/ca/revoked.yml, which this empty directory lacks.
         "mosquitto_pki_dir": str(tmp / "pki"),
@@ -311,7 +327,8 @@ def render_config(tmp, ports, device_names, app_password):
     (tmp / "render.yml").write_text(json.dumps([play]))
     # The role's task files name their templates relatively; outside a role, ansible looks for them
     # next to the playbook.
-    (tmp / "templates").symlink_to(ROLE / "templates")
+    if not (tmp / "templates").exists():
+        (tmp / "templates").symlink_to(ROLE / "templates")
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
@@ -327,11 +344,7 @@ def render_config(tmp, ports, device_names, app_password):
     ]
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600, check=False)
     extra.unlink()
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"rendering the role's configuration failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-        )
-    return listeners
+    return proc
 
 
 def role_iterations():
