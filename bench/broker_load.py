@@ -19,14 +19,16 @@ What it does, all on loopback and in a temporary directory (the project's pki/ i
      negotiates by default) and TLS 1.2 (what many embedded stacks use).
    - messages/s: paho-mqtt publisher -> broker -> paho-mqtt subscriber, QoS 0 and QoS 1, for a bounded
      count of 64-byte messages.
-   - password check cost: connects/s on a loopback plaintext listener with a password against the same
-     listener kind with anonymous access, at the role's PBKDF2 iterations (and a few larger counts for
-     scale, re-hashed with the role module's own hash function and loaded by SIGHUP).
+   - password check cost: connects/s and broker CPU per connect on the loopback plaintext listener
+     with a password, against anonymous connects to the same listener (a second broker whose only
+     change is `allow_anonymous true`, since the role refuses anonymous clients), at the role's PBKDF2
+     iterations, at mosquitto_passwd's 101 and at 10000 (re-hashed with the role module's own hash
+     function and loaded by SIGHUP). `--only-password` runs just this part.
 
 Every measurement stops at a count or a time limit, whichever comes first. Writes
 bench/results/broker.json, broker.md and broker.png (matplotlib) and prints the total run time.
 
-Usage: .venv/bin/python bench/broker_load.py [--quick] [--clients 8] [--seconds 3]
+Usage: .venv/bin/python bench/broker_load.py [--quick] [--only-password] [--clients 8] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 RESULTS = ROOT / "bench" / "results"
 
 # Listeners of the benchmark broker. Each is a listener the role accepts (its assert.yml checks them):
-# the role refuses anonymous access over TLS, so "TLS without client certificates" is the password
+# the role refuses anonymous access everywhere, so "TLS without client certificates" is the password
 # listener (the role's `applications` listener); TLS alone is tls_password against plain_password.
+# The anonymous baseline ("plain_anon") is a second broker on the same rendered configuration with
+# the one global line `allow_anonymous true`, reached on the plaintext listener without a username.
 LISTENERS = {
-    "plain_anon": {"tls": False, "auth": "password", "allow_anonymous": True},
     "plain_password": {"tls": False, "auth": "password"},
     "tls_password": {"tls": True, "auth": "password"},
     "tls_mtls": {"tls": True, "auth": "certificate"},
@@ -80,8 +83,9 @@ PKI_KINDS = ("ecdsa-p256", "rsa-2048")
 APP_USER = "bench-app"
 DEVICE_PUB, DEVICE_SUB = "bench-pub", "bench-sub"
 PAYLOAD = bytes(64)
-# Iterations beyond the role's, to show where the password check would start to cost connects.
-EXTRA_ITERATIONS = (1000, 10000)
+# Iterations next to the role's: mosquitto_passwd's default (what the role used before) and one between.
+EXTRA_ITERATIONS = (101, 10000)
+ANON_CONF = "mosquitto-anon.conf"
 
 
 # --------------------------------------------------------------------------------------------- machine
@@ -221,23 +225,45 @@ def free_ports(n):
 
 
 def render_config(tmp, ports, device_names, app_password):
-    """The role's templates and password module through ansible-playbook into tmp/etc."""
-    etc, certs, data = tmp / "etc", tmp / "certs", tmp / "data"
-    for d in (etc, certs, data):
-        d.mkdir()
+    """The benchmark's listeners, user and ACL rendered by the role into tmp/etc (render_role)."""
     listeners = {
         name: {"port": port, "address": "127.0.0.1", "tls_version": "tlsv1.2", "state": "present", **settings}
         for (name, settings), port in zip(LISTENERS.items(), ports, strict=True)
     }
+    users = [
+        {"name": APP_USER, "password": app_password, "acl": [{"access": "readwrite", "topic": "bench/#"}]}
+    ]
+    acl_extra = [{"user": DEVICE_SUB, "access": "read", "topic": f"devices/{DEVICE_PUB}/#"}]
+    proc = render_role(tmp, listeners, device_names, users, acl_extra)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"rendering the role's configuration failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+        )
+    conf = (tmp / "etc" / "mosquitto.conf").read_text()
+    if conf.count("\nallow_anonymous false\n") != 1:
+        raise SystemExit("the role's mosquitto.conf no longer has one global allow_anonymous false line")
+    (tmp / "etc" / ANON_CONF).write_text(
+        conf.replace("\nallow_anonymous false\n", "\nallow_anonymous true\n")
+    )
+    return listeners
+
+
+def render_role(tmp, listeners, device_names, users, acl_extra, extra_vars=None):
+    """The role's templates and its acl/passwords task files through ansible-playbook into tmp/etc
+    (certificates are expected in tmp/certs, the database goes to tmp/data), after the role's
+    assert.yml accepted the inputs. Returns the finished ansible-playbook process. Also used by
+    tests/broker/ to run real brokers on the role's configuration."""
+    etc, certs, data = tmp / "etc", tmp / "certs", tmp / "data"
+    for d in (etc, certs, data):
+        d.mkdir(exist_ok=True)
     overrides = {
         "ansible_python_interpreter": sys.executable,
-        # The role's own listeners are replaced, not combined: the benchmark has only its four.
+        # The role's own listeners are replaced, not combined: only the caller's listeners.
         "mosquitto_listeners": listeners,
         "mosquitto_listeners_custom": {},
-        "mosquitto_users": [
-            {"name": APP_USER, "password": app_password, "acl": [{"access": "readwrite", "topic": "bench/#"}]}
-        ],
-        "mosquitto_acl_extra": [{"user": DEVICE_SUB, "access": "read", "topic": f"devices/{DEVICE_PUB}/#"}],
+        "mosquitto_users": users,
+        "mosquitto_acl_extra": acl_extra,
+        **(extra_vars or {}),
         "mosquitto_cert_dir": str(certs),
         # No revocation list: acl.yml reads <pki>/ca/revoked.yml, which this empty directory lacks.
         "mosquitto_pki_dir": str(tmp / "pki"),
@@ -311,7 +337,8 @@ def render_config(tmp, ports, device_names, app_password):
     (tmp / "render.yml").write_text(json.dumps([play]))
     # The role's task files name their templates relatively; outside a role, ansible looks for them
     # next to the playbook.
-    (tmp / "templates").symlink_to(ROLE / "templates")
+    if not (tmp / "templates").exists():
+        (tmp / "templates").symlink_to(ROLE / "templates")
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
@@ -327,24 +354,19 @@ def render_config(tmp, ports, device_names, app_password):
     ]
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600, check=False)
     extra.unlink()
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"rendering the role's configuration failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-        )
-    return listeners
+    return proc
 
 
 def role_iterations():
-    """The PBKDF2 iterations the role hashes with: its passwords task sets none, so the module default."""
+    """The PBKDF2 iterations the role hashes with: mosquitto_password_iterations' default."""
     task = (ROLE / "tasks" / "passwords.yml").read_text()
-    if "iterations" in task:
+    if 'iterations: "{{ mosquitto_password_iterations }}"' not in task:
         raise SystemExit(
-            "roles/mosquitto/tasks/passwords.yml now sets iterations: teach the benchmark to read it"
+            "roles/mosquitto/tasks/passwords.yml changed how it sets iterations: update the benchmark"
         )
     import yaml
 
-    doc = yaml.safe_load(_password_module().DOCUMENTATION)
-    return int(doc["options"]["iterations"]["default"])
+    return int(yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())["mosquitto_password_iterations"])
 
 
 def _password_module():
@@ -359,12 +381,12 @@ def _password_module():
 class Broker:
     """One throwaway mosquitto process on the rendered configuration; only this PID is ever signalled."""
 
-    def __init__(self, tmp, ports):
-        self.tmp, self.ports = tmp, ports
+    def __init__(self, tmp, ports, conf="mosquitto.conf"):
+        self.tmp, self.ports, self.conf = tmp, ports, conf
         self.proc = None
 
     def __enter__(self):
-        cmd = [MOSQUITTO, "-c", str(self.tmp / "etc" / "mosquitto.conf")]
+        cmd = [MOSQUITTO, "-c", str(self.tmp / "etc" / self.conf)]
         if os.geteuid() == 0:
             # Run as the broker's own unprivileged user, as the service would after dropping root.
             user = pwd.getpwnam("mosquitto")
@@ -639,6 +661,11 @@ def config_checks(kind, pki, port, pw_packet):
         out[f"{kind}: password listener refuses a wrong password"] = False
     except (OSError, RuntimeError, ConnectionError):
         out[f"{kind}: password listener refuses a wrong password"] = True
+    try:
+        Target(port["plain_password"]).connect_once()
+        out[f"{kind}: password listener refuses an anonymous client"] = False
+    except (OSError, RuntimeError, ConnectionError):
+        out[f"{kind}: password listener refuses an anonymous client"] = True
     Target(port["plain_password"], packet=pw_packet).connect_once()
     failed = [name for name, ok in out.items() if not ok]
     if failed:
@@ -647,6 +674,17 @@ def config_checks(kind, pki, port, pw_packet):
 
 
 # ----------------------------------------------------------------------------------------------- main
+
+
+def _connect_row(kind, listener, version, mode, n, r):
+    row = {"pki": kind, "listener": listener, "tls": version or "none", "mode": mode, "clients": n, **r}
+    print(
+        f"  connect {kind:10} {listener:15} {row['tls']:8} {mode:10} x{n}: {r['per_s']:8.1f}/s "
+        f"({r['connects']} in {r['seconds']} s, {r['errors']} errors; CPU ms/connect broker "
+        f"{r['broker_cpu_ms_per_op']}, clients {r['client_cpu_ms_per_op']})",
+        flush=True,
+    )
+    return row
 
 
 def run_kind(kind, tmp, listeners, device_names, app_password, args, iterations):
@@ -659,11 +697,21 @@ def run_kind(kind, tmp, listeners, device_names, app_password, args, iterations)
     pw_packet = connect_packet(APP_USER, app_password)
     versions = {"TLSv1.3": ssl.TLSVersion.TLSv1_3, "TLSv1.2": ssl.TLSVersion.TLSv1_2}
     connects, messages, password, checks = [], [], [], {}
+    modes = (("sequential", 1), ("concurrent", args.clients))
+    # The anonymous baseline first, on its own broker (the role's configuration refuses anonymous
+    # clients): the plaintext listener, a CONNECT without username.
+    with Broker(tmp, list(port.values()), conf=ANON_CONF) as anon:
+        for mode, n in modes:
+            r = connect_rate(
+                anon.proc.pid,
+                [Target(port["plain_password"]) for _ in range(n)],
+                args.seconds,
+                args.max_connects,
+            )
+            connects.append(_connect_row(kind, "plain_anon", None, mode, n, r))
     with Broker(tmp, list(port.values())) as broker:
 
         def targets(listener, version, n):
-            if listener == "plain_anon":
-                return [Target(port[listener]) for _ in range(n)]
             if listener == "plain_password":
                 return [Target(port[listener], packet=pw_packet) for _ in range(n)]
             if listener == "tls_password":
@@ -676,28 +724,16 @@ def run_kind(kind, tmp, listeners, device_names, app_password, args, iterations)
             ]
 
         checks.update(config_checks(kind, pki, port, pw_packet))
-        cells = [(lst, None) for lst in ("plain_anon", "plain_password")]
-        cells += [(lst, v) for lst in ("tls_password", "tls_mtls") for v in versions]
+        cells = [] if args.only_password else [("plain_password", None)]
+        cells += (
+            [] if args.only_password else [(lst, v) for lst in ("tls_password", "tls_mtls") for v in versions]
+        )
         for listener, version in cells:
-            for mode, n in (("sequential", 1), ("concurrent", args.clients)):
+            for mode, n in modes:
                 r = connect_rate(
                     broker.proc.pid, targets(listener, version, n), args.seconds, args.max_connects
                 )
-                row = {
-                    "pki": kind,
-                    "listener": listener,
-                    "tls": version or "none",
-                    "mode": mode,
-                    "clients": n,
-                    **r,
-                }
-                connects.append(row)
-                print(
-                    f"  connect {kind:10} {listener:15} {row['tls']:8} {mode:10} x{n}: {r['per_s']:8.1f}/s "
-                    f"({r['connects']} in {r['seconds']} s, {r['errors']} errors; CPU ms/connect broker "
-                    f"{r['broker_cpu_ms_per_op']}, clients {r['client_cpu_ms_per_op']})",
-                    flush=True,
-                )
+                connects.append(_connect_row(kind, listener, version, mode, n, r))
 
         app = {"username": APP_USER, "password": app_password}
         msg_cells = [
@@ -715,7 +751,7 @@ def run_kind(kind, tmp, listeners, device_names, app_password, args, iterations)
                 {"ctx": tls_context(pki, versions["TLSv1.3"], DEVICE_SUB)},
             ),
         ]
-        for listener, topic, pub_kw, sub_kw in msg_cells:
+        for listener, topic, pub_kw, sub_kw in [] if args.only_password else msg_cells:
             for qos in (0, 1):
                 count = args.messages if qos == 0 else args.messages // 4
                 r = message_rate(
@@ -736,7 +772,7 @@ def run_kind(kind, tmp, listeners, device_names, app_password, args, iterations)
             mpf = _password_module()
             pwfile = tmp / "etc" / "passwd"
             role_file = pwfile.read_text()
-            for its in (iterations, *([] if args.quick else EXTRA_ITERATIONS)):
+            for its in (iterations, *(EXTRA_ITERATIONS[:1] if args.quick else EXTRA_ITERATIONS)):
                 if its != iterations:
                     pwfile.write_text(mpf.render([(APP_USER, mpf.hash_password(app_password, its))]))
                     broker.reload()
@@ -764,10 +800,13 @@ def run_kind(kind, tmp, listeners, device_names, app_password, args, iterations)
                         **r,
                     }
                     password.append(row)
+                    # What one password login costs the broker on top of an anonymous connect.
+                    base = next(c for c in connects if c["listener"] == "plain_anon" and c["mode"] == mode)
+                    extra = r["broker_cpu_ms_per_op"] - base["broker_cpu_ms_per_op"]
                     print(
-                        f"  password iterations {its:6} {mode:10} x{n}: {r['per_s']:8.1f}/s "
-                        f"(PBKDF2 {hash_us:.0f} us in Python; broker CPU ms/connect "
-                        f"{r['broker_cpu_ms_per_op']})",
+                        f"  password iterations {its:6} {mode:10} x{n}: {r['per_s']:8.1f} connects/s "
+                        f"(anonymous {base['per_s']:.1f}/s); broker CPU {r['broker_cpu_ms_per_op']:.2f} "
+                        f"ms/connect, {extra:.2f} ms more than anonymous; PBKDF2 {hash_us:.0f} us in Python",
                         flush=True,
                     )
             # The next broker (a new process, so no reload needed) reads the role's own file again.
@@ -984,6 +1023,11 @@ def main():
     ap.add_argument(
         "--messages", type=int, help="QoS 0 messages per cell; QoS 1 gets a quarter (default 10000)"
     )
+    ap.add_argument(
+        "--only-password",
+        action="store_true",
+        help="only the password check cost and its anonymous baseline; writes broker_password.json",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     ap.add_argument(
         "--replot", action="store_true", help="only rewrite broker.md and broker.png from broker.json"
@@ -1046,7 +1090,7 @@ def main():
             f"config rendered from roles/mosquitto in {time.perf_counter() - started:.1f} s; "
             f"password iterations (role): {iterations}"
         )
-        for kind in PKI_KINDS:
+        for kind in PKI_KINDS[:1] if args.only_password else PKI_KINDS:
             c, msgs, pw, checks = run_kind(kind, tmp, listeners, device_names, app_password, args, iterations)
             results["connects"] += c
             results["messages"] += msgs
@@ -1055,6 +1099,11 @@ def main():
     add_ratios(results)
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["runtime_s"] = round(time.perf_counter() - started, 1)
+    if args.only_password:  # a part of the run: the full results files stay as they are
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "broker_password.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}/broker_password.json; total run time {results['runtime_s']} s")
+        return
     write_outputs(results, args.out)
     print(f"wrote {args.out}/broker.json, broker.md, broker.png; total run time {results['runtime_s']} s")
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ROOT / "plugins" / "modules"
@@ -34,6 +36,16 @@ def load():
 
 
 mpf = load()
+# The module's default, which the role's mosquitto_password_iterations default repeats.
+DEFAULT_ITERATIONS = yaml.safe_load(mpf.DOCUMENTATION)["options"]["iterations"]["default"]
+
+
+def test_default_iterations_follow_owasp_and_the_role_uses_them():
+    defaults = yaml.safe_load((ROOT / "roles" / "mosquitto" / "defaults" / "main.yml").read_text())
+    assert DEFAULT_ITERATIONS >= 210000  # OWASP, PBKDF2-HMAC-SHA512
+    assert defaults["mosquitto_password_iterations"] == DEFAULT_ITERATIONS
+    task = (ROOT / "roles" / "mosquitto" / "tasks" / "passwords.yml").read_text()
+    assert 'iterations: "{{ mosquitto_password_iterations }}"' in task
 
 
 def test_hash_round_trip_and_format():
@@ -57,13 +69,29 @@ def test_plan_keeps_verified_entries_rehashes_changed_and_removes_absent():
         {"name": "carol", "password": None, "state": "absent"},
         {"name": "erin", "password": "fresh", "state": "present"},
     ]
-    entries, added, updated, removed = mpf.plan(existing, users, exclusive=True, iterations=101)
+    entries, added, updated, rehashed, removed = mpf.plan(existing, users, exclusive=True, iterations=101)
     assert [u for u, _ in entries] == ["alice", "bob", "erin"]
     assert dict(entries)["alice"] == keep  # untouched: no new salt
     assert mpf.verify_password("new", dict(entries)["bob"])
-    assert (added, updated, removed) == (["erin"], ["bob"], ["carol", "dave", "alice"])
-    entries, _, _, removed = mpf.plan(existing[:4], users[:1], exclusive=False, iterations=101)
+    assert (added, updated, rehashed, removed) == (["erin"], ["bob"], [], ["carol", "dave", "alice"])
+    entries, _, _, _, removed = mpf.plan(existing[:4], users[:1], exclusive=False, iterations=101)
     assert [u for u, _ in entries] == ["alice", "bob", "carol", "dave"] and removed == []
+
+
+def test_plan_rehashes_a_hash_below_the_configured_iterations_once():
+    weak, strong = mpf.hash_password("pw", 101), mpf.hash_password("pw", 5000)
+    existing = [("weak", weak), ("strong", strong), ("changed", mpf.hash_password("old", 101))]
+    users = [{"name": n, "password": "pw", "state": "present"} for n in ("weak", "strong", "changed")]
+    entries, added, updated, rehashed, removed = mpf.plan(existing, users, exclusive=True, iterations=2000)
+    assert (added, updated, rehashed, removed) == ([], ["changed"], ["weak"], [])
+    new = dict(entries)
+    assert mpf.iterations_of(new["weak"]) == 2000 and mpf.verify_password("pw", new["weak"])
+    assert mpf.iterations_of(new["changed"]) == 2000 and mpf.verify_password("pw", new["changed"])
+    assert new["strong"] == strong  # more iterations than asked: kept as it is
+    # Once: the re-made hash has enough iterations, so the next run keeps everything.
+    again, *changes = mpf.plan(entries, users, exclusive=True, iterations=2000)
+    assert again == entries and changes == [[], [], [], []]
+    assert mpf.iterations_of("$6$abc$def") == 0
 
 
 def test_verifies_hashes_written_by_mosquitto_passwd(tmp_path):
@@ -83,10 +111,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_mosquitto_accepts_the_module_hashes(tmp_path):
+@pytest.mark.parametrize("iterations", [101, DEFAULT_ITERATIONS])
+def test_mosquitto_accepts_the_module_hashes(tmp_path, iterations):
     """A real broker with a password file from this module: right password in, wrong one out."""
     pwfile = tmp_path / "passwd"
-    pwfile.write_text(mpf.render([("app", mpf.hash_password("rightpw", 101))]))
+    pwfile.write_text(mpf.render([("app", mpf.hash_password("rightpw", iterations))]))
     port = _free_port()
     conf = tmp_path / "mosquitto.conf"
     # `user root`: the test's temp dir is private to root, and mosquitto would otherwise drop to its
@@ -153,6 +182,54 @@ def _playbook(path):
         }
     )
     return json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}])
+
+
+def _run(tmp_path, playbook_text):
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(playbook_text)
+    env = dict(os.environ, ANSIBLE_LIBRARY=str(LIBRARY), ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-v", str(playbook),
+         "-e", f"ansible_python_interpreter={sys.executable}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+
+
+def test_module_rehashes_a_mosquitto_passwd_entry_once(tmp_path):
+    """A file mosquitto_passwd wrote (101 iterations): check and real run re-hash it at the module's
+    default, the next check and real run change nothing, and the broker's password still works."""
+    path = tmp_path / "passwd"
+    path.touch(mode=0o600)
+    subprocess.run(["mosquitto_passwd", str(path), "alice"], input="p4ss\np4ss\n", text=True, check=True)
+    assert mpf.iterations_of(mpf.parse(path.read_text())[0][1]) == 101
+    users = [{"name": "alice", "password": "p4ss"}]
+    runs = [("check 1", True), ("real 1", False), ("check 2", True), ("real 2", False)]
+    tasks = [
+        {"name": name, "mosquitto_password_file": {"path": str(path), "users": users, "mode": "0600"},
+         "check_mode": check, "register": f"r{i}", "no_log": True}
+        for i, (name, check) in enumerate(runs, 1)
+    ]  # fmt: skip
+    results = "[r1, r2, r3, r4] | community.general.remove_keys(target=['invocation']) | to_json"
+    tasks.append(
+        {
+            "name": "Save",
+            "ansible.builtin.copy": {
+                "dest": f"{path}.json",
+                "mode": "0600",
+                "content": "{{ " + results + " }}",
+            },
+        }
+    )
+    result = _run(tmp_path, json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "p4ss" not in result.stdout + result.stderr
+    r1, r2, r3, r4 = json.loads(Path(f"{path}.json").read_text())
+    assert [r["changed"] for r in (r1, r2, r3, r4)] == [True, True, False, False]
+    assert r1["rehashed"] == r2["rehashed"] == ["alice"] and r2["updated"] == []
+    assert "alice (re-hashed: too few iterations)" in r2["diff"]["after"]
+    [(user, encoded)] = mpf.parse(path.read_text())
+    assert user == "alice" and mpf.iterations_of(encoded) == DEFAULT_ITERATIONS
+    assert mpf.verify_password("p4ss", encoded)
 
 
 def test_module_check_real_idempotent_and_change(tmp_path):

@@ -150,9 +150,11 @@ def test_device_key_is_nowhere_but_on_the_board(host, name):
 
 
 def test_no_staged_image_is_left_on_the_station(host):
+    # The directory exists: every board's image went through it (each in its own subdirectory, which
+    # the flash removes), so an empty directory is the proof, and a missing one a failure.
     staging = host.file(STAGING)
-    if staging.exists:
-        assert staging.listdir() == []
+    assert staging.is_directory, f"{STAGING} is missing: the images were not staged on the station"
+    assert staging.listdir() == []
 
 
 def test_staging_makes_a_private_directory_and_0600_images(host):
