@@ -20,12 +20,17 @@ SITE_DEBS := openssl
 # openssh-client: Molecule's station scenario reaches its station container over real SSH.
 TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client
 
-.PHONY: site test check venv lint sanity unit pytest molecule image system-deps-site system-deps-test bench clean
+.PHONY: site test check venv lint sanity unit pytest molecule molecule-default molecule-rest image system-deps-site system-deps-test bench clean
 
 site: venv system-deps-site
 	$(BIN)/ansible-playbook site.yml
 
-test: venv system-deps-test image lint sanity pytest molecule
+# pytest and the broker-only Molecule scenario run side by side: much of each is waiting (brokers,
+# boards, apt in the containers), and the default scenario's fixed ports (18883-18894) sit below the
+# ephemeral range the pytest brokers bind in. Each one's output is printed whole when it ends.
+test: venv system-deps-test image lint sanity
+	$(MAKE) --no-print-directory -j2 --output-sync=target pytest molecule-default
+	$(MAKE) --no-print-directory molecule-rest
 
 # The developers' inner loop (a few minutes): lint and the tests that need no broker, no board and no
 # container (module units, filters, the simulator's protocol, repository checks).
@@ -68,8 +73,14 @@ unit: venv
 pytest: venv
 	$(BIN)/pytest -n 2 --durations=25
 
-molecule: venv image
-	$(BIN)/molecule test --all
+molecule: molecule-default molecule-rest
+
+molecule-default: venv image
+	$(BIN)/molecule test -s default
+
+molecule-rest: venv image
+	$(BIN)/molecule test -s fleet
+	$(BIN)/molecule test -s station
 
 # Benchmarks (bench/README.md). Every script writes into
 # bench/results/; the report is assembled even if one failed, then the target fails. converge.py

@@ -245,12 +245,12 @@ def main():
         existing or [], module.params["users"], module.params["exclusive"], module.params["iterations"]
     )
     content_changed = existing is None or bool(added or updated or rehashed or removed)
-    before_names = [u for u, _ in existing or []]
+    before_names = [user for user, _hash in existing or []]
     diff = {
         "before_header": path,
         "after_header": path,
         "before": "".join(f"{u}\n" for u in before_names) if existing is not None else "",
-        "after": "".join(f"{u}{_marker(u, updated, rehashed)}\n" for u, _ in entries),
+        "after": "".join(f"{u}{_marker(u, updated, rehashed)}\n" for u, _hash in entries),
     }
 
     if content_changed and not module.check_mode:
