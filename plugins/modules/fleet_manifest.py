@@ -14,7 +14,8 @@ description:
   - The JSON file is the source of truth; the CSV is regenerated from the same rows.
   - Earlier rows are kept as written, except that an unkeyed settings fingerprint (C(config_sha256)
     of earlier releases, 64 hex digits) is blanked once a new row gives the same device a keyed one
-    (M(esp32_fleet.mqtt_fleet.fleet_config_hash)), because the old value would let a reader test guesses of the Wi-Fi password.
+    (M(esp32_fleet.mqtt_fleet.fleet_config_hash)), because the old value would let a reader test
+    guesses of the Wi-Fi password.
   - Also returns a summary of the appended rows grouped by result.
 version_added: "0.1.0"
 author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
