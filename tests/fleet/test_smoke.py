@@ -151,6 +151,7 @@ def test_a_topic_prefix_reaches_the_nvs_the_broker_acl_and_the_smoke_test_alike(
     text = acl.read_text()
     assert "user b1\ntopic readwrite fleet/b1/#\n" in text, text
     assert "user b2\ntopic readwrite fleet/b2/#\n" in text, text
+    assert "user fleet-monitor\ntopic read fleet/#\n" in text, text
     broker(project, device_port, monitor_port, acl=text)
 
     rc, out, _ = project.run_playbook(
