@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """What a board's flash receives, decided once for the esp32_provision role's checks and its writes.
 
 esp32_fleet_firmware_images: the board's firmware list (explicit images win; otherwise the
@@ -17,17 +17,13 @@ from __future__ import annotations
 import os
 import re
 
-import ansible.module_utils
 from ansible.errors import AnsibleFilterError
-
-# The modules' helpers are importable as ansible.module_utils.* only inside a module run; make the
-# same files importable here, as ansible.cfg's module_utils path does for the modules.
-_MODULE_UTILS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils")
-if _MODULE_UTILS not in ansible.module_utils.__path__:
-    ansible.module_utils.__path__.append(_MODULE_UTILS)
-
-from ansible.module_utils.esp32_errors import Esp32Error  # noqa: E402
-from ansible.module_utils.esp32_flashplan import describe_overlap, flash_overlaps, parse_int  # noqa: E402
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_flashplan import (
+    describe_overlap,
+    flash_overlaps,
+    parse_int,
+)
 
 # 0x10000_app.bin: the offset, an underscore, a name.
 _DIR_IMAGE = re.compile(r"^(0x[0-9A-Fa-f]+)_.+\.bin$")

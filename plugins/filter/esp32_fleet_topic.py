@@ -1,5 +1,5 @@
 # Copyright: esp32-mqtt-fleet contributors
-# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The one rule for a board's MQTT topic root, shared by the esp32_provision role (written to NVS),
 the mosquitto role (the device's ACL) and playbooks/smoke.yml (the topics it checks).
 

@@ -3,7 +3,11 @@ between every pair of regions, named with their ranges; esp32_flash refuses them
 
 from __future__ import annotations
 
-from ansible.module_utils.esp32_flashplan import describe_overlap, flash_overlaps, sector_span
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_flashplan import (
+    describe_overlap,
+    flash_overlaps,
+    sector_span,
+)
 
 NVS = {"name": "the NVS partition", "offset": 0x9000, "size": 0x6000}
 
