@@ -39,6 +39,46 @@ def parse_int(value, what):
         ) from None
 
 
+def sector_span(offset, size):
+    """The flash range [start, end) that writing `size` bytes at `offset` changes: esptool erases whole
+    4 KiB sectors, so the start rounds down and the end rounds up to a sector boundary."""
+    start = offset // SECTOR_SIZE * SECTOR_SIZE
+    end = -(-(offset + size) // SECTOR_SIZE) * SECTOR_SIZE
+    return start, end
+
+
+def flash_overlaps(regions):
+    """Every pair of regions whose sector spans intersect, in offset order.
+
+    `regions` is a list of {name, offset, size} (ints): images to write and regions that must survive
+    (the NVS partition). Each overlap is {first, second}, each {name, offset, size, start, end} with
+    the sector span [start, end); every pair is checked, so one large image overlapping two others is
+    reported twice.
+    """
+    spans = []
+    for region in regions:
+        start, end = sector_span(region["offset"], region["size"])
+        spans.append(dict(region, start=start, end=end))
+    spans.sort(key=lambda r: (r["start"], r["end"]))
+    return [
+        dict(first=first, second=second)
+        for first, second in itertools.combinations(spans, 2)
+        if second["start"] < first["end"] and first["start"] < second["end"]
+    ]
+
+
+def describe_overlap(overlap):
+    """One line naming both regions and the sectors they share, e.g. for a failure message."""
+
+    def where(r):
+        sectors = f"sectors {r['start']:#x}-{r['end'] - 1:#x}"
+        return f"{r['name']} ({r['size']:#x} bytes at {r['offset']:#x}, {sectors})"
+
+    first, second = overlap["first"], overlap["second"]
+    shared = f"{max(first['start'], second['start']):#x}-{min(first['end'], second['end']) - 1:#x}"
+    return f"{where(first)} overlaps {where(second)}: both cover {shared}"
+
+
 class Image:
     """One image to place on the board: bytes, offset and the region it must occupy."""
 
@@ -115,15 +155,13 @@ def load_images(specs, erase):
         if erase == "regions":
             region = partition or -(-len(data) // SECTOR_SIZE) * SECTOR_SIZE
         images.append(Image(offset, data, source, region))
-    ordered = sorted(images, key=lambda i: i.offset)
-    for first, second in itertools.pairwise(ordered):
-        first_end = -(-(first.offset + first.region_size) // SECTOR_SIZE) * SECTOR_SIZE
-        if second.offset < first_end:
-            raise Esp32Error(
-                f"images at {first.offset:#x} ({first.source}) and {second.offset:#x} ({second.source}) "
-                "overlap: writing one erases sectors of the other",
-                kind="overlap",
-            )
+    overlaps = flash_overlaps([dict(name=i.source, offset=i.offset, size=i.region_size) for i in images])
+    if overlaps:
+        raise Esp32Error(
+            "images overlap, writing one erases sectors of the other: "
+            + "; ".join(describe_overlap(o) for o in overlaps),
+            kind="overlap",
+        )
     return images
 
 

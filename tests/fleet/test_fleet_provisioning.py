@@ -157,3 +157,47 @@ def test_a_board_whose_certificate_is_due_is_reflashed_with_a_renewed_one(fleet_
     assert rc == 0, out
     assert project.last()["b1"]["result"] == "unchanged"
     assert all(host["changed"] == 0 for host in recap.values()), recap
+
+
+def test_a_firmware_image_running_into_the_nvs_partition_is_refused_before_writing(fleet_project, tmp_path):
+    # A merged bootloader+app image: it starts at 0x1000, before the NVS partition (0x9000-0xefff),
+    # and its 0xA000 bytes end at 0xb000, inside it.
+    firmware_dir = tmp_path / "firmware"
+    firmware_dir.mkdir()
+    project = fleet_project({"b1": {"esp32_mac": MACS[0]}})
+    fw = ("-e", f"esp32_provision_firmware_dir={firmware_dir}")
+    rc, out, _ = project.run(*fw)
+    assert rc == 0, out
+    nvs = project.nvs_region(0)
+    assert nvs != b"\xff" * 0x6000
+
+    # The firmware-only update path (credentials current, firmware new) is the one that wrote it.
+    merged = firmware_dir / "0x1000_merged.bin"
+    merged.write_bytes(b"\x5a" * 0xA000)
+    rows = len(project.rows())
+    rc, out, _ = project.run(*fw)
+    assert rc != 0, out
+    assert (
+        f"b1: {merged} (0xa000 bytes at 0x1000, sectors 0x1000-0xafff) overlaps the NVS partition "
+        "(0x6000 bytes at 0x9000, sectors 0x9000-0xefff): both cover 0x9000-0xafff" in out
+    ), out
+    # Stopped before any board was touched: nothing written, nothing recorded.
+    assert project.nvs_region(0) == nvs
+    assert project.nvs_region(0, 0x1000, 0x1000) == b"\xff" * 0x1000
+    assert len(project.rows()) == rows
+
+
+def test_images_of_one_board_are_checked_against_each_other_by_their_end(fleet_project, tmp_path):
+    # A board's own list: the app is one byte longer than 64 KiB, so writing it erases the sector at
+    # 0x20000 where the next image starts. Refused before a certificate is issued, not in the flash.
+    app = tmp_path / "app.bin"
+    app.write_bytes(b"\x01" * 0x10001)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"\x02" * 0x100)
+    images = [{"offset": "0x10000", "path": str(app)}, {"offset": "0x20000", "path": str(data)}]
+    project = fleet_project({"b1": {"esp32_mac": MACS[0], "esp32_firmware_images": images}})
+    rc, out, _ = project.run()
+    assert rc != 0, out
+    assert f"b1: {app} (0x10001 bytes at 0x10000, sectors 0x10000-0x20fff) overlaps {data}" in out, out
+    assert project.nvs_region(0) == b"\xff" * 0x6000
+    assert not (project.pki / "devices" / "b1.crt").exists()

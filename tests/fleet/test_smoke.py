@@ -24,12 +24,12 @@ def broker(tmp_path):
     """Start mosquitto once the PKI exists; yields a starter taking the project."""
     procs = []
 
-    def start(project, device_port, monitor_port):
+    def start(project, device_port, monitor_port, acl=None):
         conf_dir = tmp_path / "broker"
         conf_dir.mkdir()
         pki = project.pki
         (conf_dir / "acl").write_text(
-            "user fleet-monitor\ntopic read devices/#\n\npattern readwrite devices/%u/#\n"
+            acl or "user fleet-monitor\ntopic read devices/#\n\npattern readwrite devices/%u/#\n"
         )
         subprocess.run(
             ["mosquitto_passwd", "-c", "-b", str(conf_dir / "passwd"), "fleet-monitor", MONITOR_PASSWORD],
@@ -116,3 +116,56 @@ def test_smoke_sees_each_board_on_its_topic_and_refuses_the_other(fleet_project,
     )
     assert rc != 0
     assert "other topic: rc=0" in out
+
+
+def test_a_topic_prefix_reaches_the_nvs_the_broker_acl_and_the_smoke_test_alike(fleet_project, broker):
+    """esp32_provision_topic_prefix set in the BOARDS' inventory only (the broker host does not have
+    it): the NVS topic root, the ACL the mosquitto role renders and the smoke test all use fleet/<id>."""
+    device_port, monitor_port = free_port(), free_port()
+    board = {"esp32_sim_flash": "{{ esp32_port }}.flash", "esp32_provision_topic_prefix": "fleet"}
+    project = fleet_project(
+        {
+            "b1": {"esp32_mac": "24:0a:c4:00:00:01", **board},
+            "b2": {"esp32_mac": "24:0a:c4:00:00:02", **board},
+        },
+        brokers={
+            "testbroker": {
+                "mosquitto_server_names": ["localhost", "127.0.0.1"],
+                "mosquitto_users": [
+                    {
+                        "name": "fleet-monitor",
+                        "password": MONITOR_PASSWORD,
+                        "acl": [{"access": "read", "topic": "fleet/#"}],
+                    }
+                ],
+            }
+        },
+    )
+    uri = f"esp32_provision_broker_uri=mqtts://localhost:{device_port}"
+    rc, out, _ = project.run("-e", uri)
+    assert rc == 0, out
+
+    acl = project.base / "acl.rendered"
+    rc, out, _ = project.run_playbook("tests/fleet/render_acl.yml", "-e", f"render_acl_dest={acl}")
+    assert rc == 0, out
+    text = acl.read_text()
+    assert "user b1\ntopic readwrite fleet/b1/#\n" in text, text
+    assert "user b2\ntopic readwrite fleet/b2/#\n" in text, text
+    assert "user fleet-monitor\ntopic read fleet/#\n" in text, text
+    broker(project, device_port, monitor_port, acl=text)
+
+    rc, out, _ = project.run_playbook(
+        "playbooks/smoke.yml",
+        "-e",
+        uri,
+        "-e",
+        f"smoke_mqtt_port={monitor_port}",
+        "-e",
+        f"smoke_mqtt_password={MONITOR_PASSWORD}",
+    )
+    # The smoke test boots each board from its flash: the NVS topic root is the one published on.
+    assert rc == 0, out
+    assert "b1: reading on fleet/b1/telemetry" in out
+    assert "b2: reading on fleet/b2/telemetry" in out
+    assert "refused on fleet/b2/telemetry" in out
+    assert "refused on fleet/b1/telemetry" in out
