@@ -197,7 +197,7 @@ def generate(params):
     return rsa.generate_private_key(public_exponent=65537, key_size=params["size"])
 
 
-def write_key(module, key, path, passphrase):
+def write_key(key, path, passphrase):
     encryption = (
         serialization.BestAvailableEncryption(passphrase.encode())
         if passphrase is not None
@@ -205,12 +205,16 @@ def write_key(module, key, path, passphrase):
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     directory = os.path.dirname(path) or "."
-    # mkstemp creates the file 0600: the key is never readable by others, not even briefly.
+    # mkstemp creates the file 0600 and os.replace keeps that mode: the key is never readable by
+    # others, not even briefly. Not module.atomic_move: it chmods a new file to 0666 & ~umask (and
+    # gives a replacement the old file's mode) before the file attributes bring it back to 0600.
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pki_private_key.")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(pem)
-        module.atomic_move(tmp, path)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -270,7 +274,7 @@ def main():
     changed = reason is not None
     if changed and not module.check_mode:
         key = generate(params)
-        write_key(module, key, path, passphrase)
+        write_key(key, path, passphrase)
 
     result = {"changed": changed, "reason": reason}
     if key is not None and (not changed or not module.check_mode):
