@@ -9,19 +9,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-try:
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-    HAS_CRYPTOGRAPHY = True
-except ImportError:  # pragma: no cover - reported through the module
-    HAS_CRYPTOGRAPHY = False
-
 DOCUMENTATION = r"""
 ---
 module: pki_private_key
@@ -136,13 +123,24 @@ reason:
   sample: key file missing
 """
 
+import os
+import tempfile
 
-# Direct attribute access (not ec.__dict__, which cryptography >= 46.0.5 wraps in a proxy).
-_CURVES = {
-    "secp256r1": lambda: ec.SECP256R1(),
-    "secp384r1": lambda: ec.SECP384R1(),
-    "secp521r1": lambda: ec.SECP521R1(),
-}
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+try:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    HAS_CRYPTOGRAPHY = True
+except ImportError:  # pragma: no cover - reported through the module
+    HAS_CRYPTOGRAPHY = False
+
+
+def curve(name):
+    """The curve object of a curve name: direct attribute access (not ec.__dict__, which cryptography
+    >= 46.0.5 wraps in a proxy), looked up only when a key is made (cryptography may be missing)."""
+    return {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1, "secp521r1": ec.SECP521R1}[name]()
 
 
 def describe(key):
@@ -193,11 +191,11 @@ def load_existing(path, passphrase):
 
 def generate(params):
     if params["type"] == "EC":
-        return ec.generate_private_key(_CURVES[params["curve"]]())
+        return ec.generate_private_key(curve(params["curve"]))
     return rsa.generate_private_key(public_exponent=65537, key_size=params["size"])
 
 
-def write_key(module, key, path, passphrase):
+def write_key(key, path, passphrase):
     encryption = (
         serialization.BestAvailableEncryption(passphrase.encode())
         if passphrase is not None
@@ -205,12 +203,16 @@ def write_key(module, key, path, passphrase):
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     directory = os.path.dirname(path) or "."
-    # mkstemp creates the file 0600: the key is never readable by others, not even briefly.
+    # mkstemp creates the file 0600 and os.replace keeps that mode: the key is never readable by
+    # others, not even briefly. Not module.atomic_move: it chmods a new file to 0666 & ~umask (and
+    # gives a replacement the old file's mode) before the file attributes bring it back to 0600.
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pki_private_key.")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(pem)
-        module.atomic_move(tmp, path)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -270,7 +272,7 @@ def main():
     changed = reason is not None
     if changed and not module.check_mode:
         key = generate(params)
-        write_key(module, key, path, passphrase)
+        write_key(key, path, passphrase)
 
     result = {"changed": changed, "reason": reason}
     if key is not None and (not changed or not module.check_mode):

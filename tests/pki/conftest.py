@@ -87,13 +87,16 @@ class Pki:
         (inv / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
         return inv
 
-    def run(self, *args: str, extra: dict | None = None, playbook: Path | None = None) -> Run:
+    def start(
+        self, *args: str, extra: dict | None = None, playbook: Path | None = None, name: str = "run"
+    ) -> subprocess.Popen:
+        """Start ansible-playbook without waiting (two at once need different names)."""
         inv = self.base / "inventory"
         if not inv.exists():
             self.write_inventory()
         cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(inv), str(playbook or ROOT / "playbooks" / "pki.yml")]
         if extra:
-            varfile = self.base / "extra-vars.json"
+            varfile = self.base / f"extra-vars-{name}.json"
             varfile.write_text(json.dumps(extra))
             cmd += ["-e", f"@{varfile}"]
         cmd += list(args)
@@ -103,14 +106,22 @@ class Pki:
             ANSIBLE_NOCOLOR="1",
             ANSIBLE_FORCE_COLOR="0",
             ANSIBLE_DEPRECATION_WARNINGS="0",
-            ANSIBLE_LOCAL_TEMP=str(self.base / ".ansible-tmp"),
+            ANSIBLE_LOCAL_TEMP=str(self.base / f".ansible-tmp-{name}"),
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        output = proc.stdout + proc.stderr
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    @staticmethod
+    def wait(proc: subprocess.Popen) -> Run:
+        output, _ = proc.communicate(timeout=600)
         match = RECAP.search(output)
         recap = {k: int(v) for k, v in match.groupdict().items()} if match else {}
         return Run(proc.returncode, output, recap)
+
+    def run(self, *args: str, extra: dict | None = None, playbook: Path | None = None) -> Run:
+        return self.wait(self.start(*args, extra=extra, playbook=playbook))
 
     def clone(self, dest: Path) -> Pki:
         """A copy of this project (inventory and pki tree with modes) in dest."""

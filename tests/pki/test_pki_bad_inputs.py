@@ -44,7 +44,14 @@ def test_bad_input_on_a_fresh_tree_writes_nothing(new_pki, extra, change, words)
     assert not new_pki.pki.exists()
 
 
-@pytest.mark.parametrize(("extra", "change", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+# Every case fails in the argument specs or in assert.yml, both before the first task that reads or
+# writes the tree, so the tree does not change what happens: one case of each kind on an existing PKI
+# (the fresh-tree test above runs all of them) proves "changes nothing" without 6 more playbook runs.
+EXISTING = [c for c in CASES if c[0] in ("rsa-1024", "bad-san")]
+EXISTING_IDS = [c[0] for c in EXISTING]
+
+
+@pytest.mark.parametrize(("extra", "change", "words"), [c[1:] for c in EXISTING], ids=EXISTING_IDS)
 def test_bad_input_on_an_existing_pki_changes_nothing(copy_of_issued, tools, extra, change, words):
     before = tools.tree_hash(copy_of_issued.pki)
     run = _apply(copy_of_issued, extra, change)

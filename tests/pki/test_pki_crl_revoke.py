@@ -103,3 +103,31 @@ def test_bad_device_fails_naming_device_and_changes_nothing(controller_only, too
         assert word in run.output, (word, run.output[-3000:])
     assert tools.tree_hash(pki.pki) == tree
     assert _rows(pki) == []
+
+
+ROUNDS = 3  # each round starts two runs at once on a fresh copy; one lost revocation fails the test
+
+
+def test_two_overlapping_revokes_both_hold(issued, tools, tmp_path):
+    """Two revoke.yml runs started together (-e device=dev-a and -e device=dev-c) on the same PKI: both
+    revocations end up on ca/revoked.yml and in the CRL, and openssl refuses both certificates."""
+    for attempt in range(ROUNDS):
+        pki = issued[0].clone(tmp_path / f"round{attempt}")
+        pki.brokers = {}
+        pki.write_inventory()
+        manifests = {"esp32_provision_manifest_dir": str(pki.base / "manifests")}
+        revoke = tools.ROOT / "playbooks" / PLAYBOOK_NAME
+        procs = [
+            pki.start(extra={"device": device, **manifests}, playbook=revoke, name=device)
+            for device in ("dev-a", "dev-c")
+        ]
+        runs = [pki.wait(proc) for proc in procs]
+        for run in runs:
+            assert run.rc == 0, run.output[-3000:]
+            assert "revoked now" in run.output
+        revoked = yaml.safe_load((pki.pki / "ca" / "revoked.yml").read_text())["pki_revoked_certificates"]
+        assert sorted(r["device_id"] for r in revoked) == ["dev-a", "dev-c"], (attempt, revoked)
+        assert _crl_refuses(tools, pki, "dev-a"), attempt
+        assert _crl_refuses(tools, pki, "dev-c"), attempt
+        assert not _crl_refuses(tools, pki, "esp32-0042")
+        assert sorted(r["device_id"] for r in _rows(pki)) == ["dev-a", "dev-c"]

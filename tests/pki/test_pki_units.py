@@ -131,3 +131,62 @@ def test_module_creates_keeps_refuses_and_replaces(tools, tmp_path):
     text = (tmp_path / "k.pem").read_text()
     assert text.startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
     assert (tmp_path / "k.pem").stat().st_mode & 0o777 == 0o600
+
+
+def _load_module(tools, name):
+    path = tools.ROOT / "plugins" / "modules" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_in_process(monkeypatch, capsys, module, args):
+    """Run a module's main() in this process (real AnsibleModule) and return its JSON result."""
+    from ansible.module_utils import basic
+
+    monkeypatch.setattr(basic, "_ANSIBLE_ARGS", json.dumps({"ANSIBLE_MODULE_ARGS": args}).encode())
+    monkeypatch.setattr(basic, "_ANSIBLE_PROFILE", "legacy")
+    with pytest.raises(SystemExit):
+        module.main()
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("existing", [None, 0o644], ids=["new-key", "replaced-0644-key"])
+def test_a_new_private_key_is_0600_from_its_first_byte(tools, tmp_path, monkeypatch, capsys, existing):
+    """Every mode the key file ever gets (os.open at creation, every chmod), with umask 0 so that
+    nothing hides a wider mode: none may open it to group or others, even for a moment. A spy that
+    records and calls through; the module and AnsibleModule run for real."""
+    import os
+
+    pki_private_key = _load_module(tools, "pki_private_key")
+    key = tmp_path / "k.pem"
+    if existing is not None:  # a key of another curve, world-readable: the module replaces it
+        args = {"path": str(key), "curve": "secp384r1"}
+        assert _run_in_process(monkeypatch, capsys, pki_private_key, args)["changed"]
+        key.chmod(existing)
+    modes = []
+    real_open, real_chmod = os.open, os.chmod
+
+    def spy_open(path, flags, mode=0o777, *args, **kwargs):
+        if flags & os.O_CREAT and os.path.dirname(os.fsdecode(path)) == str(tmp_path):
+            modes.append(("open", os.fsdecode(path), mode))
+        return real_open(path, flags, mode, *args, **kwargs)
+
+    def spy_chmod(path, mode, *args, **kwargs):
+        if os.path.dirname(os.fsdecode(path)) == str(tmp_path):
+            modes.append(("chmod", os.fsdecode(path), mode))
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "chmod", spy_chmod)
+    old_umask = os.umask(0)
+    try:
+        result = _run_in_process(monkeypatch, capsys, pki_private_key, {"path": str(key), "mode": "0600"})
+    finally:
+        os.umask(old_umask)
+    assert result["changed"] and result["curve"] == "secp256r1", result
+    assert any(call == "open" for call, _, _ in modes), modes  # the spy saw the file being created
+    wider = [(call, path, oct(mode)) for call, path, mode in modes if mode & 0o077]
+    assert wider == [], wider
+    assert key.stat().st_mode & 0o777 == 0o600
