@@ -1,9 +1,9 @@
 """One exclusive lock for read-modify-write of shared files by concurrent ansible-playbook runs.
 
 An fcntl.flock on a lock file next to the files it guards, held until the ``with`` block ends or the
-process dies (the kernel releases it, so a killed run never leaves a stale lock): the mechanism of
-fleet_manifest.py's _locked, as a shared helper. The pki role's pki_crl module holds it around the
-revocation list and the CRL. Standard library only.
+process dies (the kernel releases it, so a killed run never leaves a stale lock). fleet_manifest.py
+holds it around the manifest, the pki role's pki_crl module around the revocation list and the CRL.
+Standard library only.
 """
 
 import contextlib

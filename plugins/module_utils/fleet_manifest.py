@@ -19,10 +19,7 @@ import os
 import re
 import tempfile
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX
-    fcntl = None
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_lock import exclusive_lock
 
 MANIFEST_VERSION = 1
 RESULTS = ("provisioned", "unchanged", "failed", "revoked")
@@ -179,18 +176,9 @@ def atomic_write(path, data, mode=0o640):
         raise
 
 
-@contextlib.contextmanager
 def _locked(directory, name):
     """Serialise concurrent writers (two ansible-playbook runs) on a lock file next to the manifest."""
-    lock_path = os.path.join(directory, f".{name}.lock")
-    with open(lock_path, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(os.path.join(directory, f".{name}.lock"))
 
 
 def blank_legacy_config_hashes(existing, new_rows):

@@ -16,7 +16,15 @@ def module(name, args, *flags):
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
     env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.builtin.json"
     done = subprocess.run(
-        [str(BIN / "ansible"), "localhost", "-m", name, "-a", json.dumps(args), *flags],
+        [
+            str(BIN / "ansible"),
+            "localhost",
+            "-m",
+            f"esp32_fleet.mqtt_fleet.{name}",
+            "-a",
+            json.dumps(args),
+            *flags,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
