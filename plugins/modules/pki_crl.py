@@ -33,11 +33,11 @@ attributes:
   check_mode:
     description: Can run in check mode and report what it would change without changing it.
     support: full
-    description: Reports what would change and writes nothing (takes the lock only if its file exists).
+    details: Reports what would change and writes nothing (takes the lock only if its file exists).
   diff_mode:
     description: Reports a before/after diff of what it changes, when run with --diff.
     support: full
-    description: Shows the revoked serials before and after.
+    details: Shows the revoked serials before and after.
 options:
   revoked_file:
     description: The revocation list (YAML). Entries have serial_number, device_id, reason, revocation_date.
