@@ -18,9 +18,10 @@ IMAGE_TRIXIE := localhost/esp32-fleet-debian:trixie
 # debootstrap for Molecule's containers.
 SITE_DEBS := openssl
 # openssh-client: Molecule's station scenario reaches its station container over real SSH.
-TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client
+# faketime: the upkeep tests move the clock; cron: its crontab, which ansible.builtin.cron needs.
+TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client faketime cron
 
-.PHONY: site test check venv lint sanity unit pytest molecule molecule-default molecule-rest image system-deps-site system-deps-test bench clean
+.PHONY: site test check status venv lint sanity unit pytest molecule molecule-default molecule-rest image system-deps-site system-deps-test bench clean
 
 site: venv system-deps-site
 	$(BIN)/ansible-playbook site.yml
@@ -31,6 +32,11 @@ site: venv system-deps-site
 test: venv system-deps-test image lint sanity
 	$(MAKE) --no-print-directory -j2 --output-sync=target pytest molecule-default
 	$(MAKE) --no-print-directory molecule-rest
+
+# What expires when (CAs, CRLs, broker and device certificates, the last upkeep run): one table, the
+# same as JSON in manifests/status.json; fails when anything lapses before upkeep can renew it.
+status: venv
+	$(BIN)/ansible-playbook playbooks/status.yml
 
 # The developers' inner loop (a few minutes): lint and the tests that need no broker, no board and no
 # container (module units, filters, the simulator's protocol, repository checks).

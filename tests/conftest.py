@@ -23,6 +23,7 @@ INTEGRATION = (
     "tests/pki/test_pki_renew_broker.py",
     "tests/pki/test_pki_rotation.py",
     "tests/test_collection.py",
+    "tests/upkeep/test_upkeep_",
 )
 
 
