@@ -67,7 +67,11 @@ def classify_upkeep(state, now, period_days, margin_days):
     if rc != 0:
         return "failed", True, "last run {} exited {}".format(state["time"], rc)
     if age > 2 * period_days + margin_days:
-        return "stale", True, "last run {} ({:.1f} days ago): is the timer running?".format(state["time"], age)
+        return (
+            "stale",
+            True,
+            "last run {} ({:.1f} days ago): is the timer running?".format(state["time"], age),
+        )
     return "ok", False, "last run {} exited 0".format(state["time"])
 
 
@@ -75,9 +79,9 @@ def parse_time(text):
     """An aware datetime from ISO-8601 (``Z`` accepted) or ASN.1 ``YYYYMMDDHHMMSSZ``."""
     text = str(text).strip()
     if len(text) == 15 and text.endswith("Z") and text[:14].isdigit():
-        return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.UTC)
     value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def entry(kind, name, expires, now, renew_before_days, period_days, margin_days, **extra):
@@ -127,7 +131,7 @@ def render_table(rows, upkeep):
     for row in rows:
         cells.append([str(row.get(k, "-")) for k, _ in COLUMNS])
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells]
     lines.append("upkeep: {} ({})".format(upkeep["state"], upkeep["detail"]))
     risks = [r["kind"] + " " + r["name"] for r in rows if r["at_risk"]]
     if upkeep["at_risk"]:

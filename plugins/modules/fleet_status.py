@@ -13,12 +13,12 @@ description:
     certificates (C(<pki_dir>/devices/*.crt)), the fleet manifest and the upkeep timer's state file.
   - Classifies each as C(ok), C(due) (inside its renewal window; the next upkeep renews it),
     C(at-risk) (fewer days left than one upkeep period plus I(margin_days), or inside its renewal
-    window while nothing renews it automatically: device certificates and CAs) or C(expired).
+    window while nothing renews it automatically, as for device certificates and CAs) or C(expired).
     A failed, unreadable or stale (older than two periods plus the margin) last upkeep run is at risk
     too.
   - Device columns that only the boards' own reports can fill (renewal state, last reading seen,
     firmware version) come from the device's latest manifest row where recorded, else C(unknown).
-  - Never fails because something is at risk: it returns I(at_risk) and the caller decides (the
+  - Never fails because something is at risk; it returns I(at_risk) and the caller decides (the
     status play fails on it).
 version_added: "0.1.0"
 author: esp32-mqtt-fleet contributors (@esp32-mqtt-fleet)
@@ -61,7 +61,9 @@ options:
     type: float
     default: 30
   ca_renew_before_days:
-    description: Days before a CA's notAfter from which it is at risk (a rotation takes a re-provisioning of every board).
+    description:
+      - Days before a CA's notAfter from which it is at risk (a rotation takes a re-provisioning of
+        every board).
     type: float
     default: 365
   dest:
@@ -107,18 +109,40 @@ rows:
   type: list
   elements: dict
   contains:
-    kind: {description: "C(ca), C(crl), C(broker) or C(device).", type: str}
-    name: {description: "The CA directory, broker host or device id.", type: str}
-    expires: {description: "notAfter / nextUpdate (UTC, ISO-8601); C(unknown) for a device without a certificate.", type: str}
-    days_left: {description: "Days until I(expires), one decimal.", type: float}
-    state: {description: "C(ok), C(due), C(at-risk), C(expired), C(revoked) or C(unknown).", type: str}
-    at_risk: {description: "Whether this row makes the status fail.", type: bool}
-    renewed_by: {description: "What renews it: C(upkeep), C(re-provision at a station) or C(CA rotation (operator)).", type: str}
-    renewal_state: {description: "Devices: their renewal state from the manifest, else C(unknown).", type: str}
-    last_seen: {description: "Devices: last reading seen, from the manifest, else C(unknown).", type: str}
-    firmware_version: {description: "Devices: firmware version, from the manifest, else C(unknown).", type: str}
+    kind:
+      description: C(ca), C(crl), C(broker) or C(device).
+      type: str
+    name:
+      description: The CA directory (C(ca), C(ca-next)), broker host or device id.
+      type: str
+    expires:
+      description: notAfter or nextUpdate (UTC, ISO-8601); C(unknown) for a device without a certificate.
+      type: str
+    days_left:
+      description: Days until I(expires), one decimal.
+      type: float
+    state:
+      description: C(ok), C(due), C(at-risk), C(expired), C(revoked) or C(unknown).
+      type: str
+    at_risk:
+      description: Whether this row makes the status fail.
+      type: bool
+    renewed_by:
+      description: What renews it, C(upkeep), C(re-provision at a station) or C(CA rotation (operator)).
+      type: str
+    renewal_state:
+      description: Devices only; their renewal state from the manifest, else C(unknown).
+      type: str
+    last_seen:
+      description: Devices only; the last reading seen, from the manifest, else C(unknown).
+      type: str
+    firmware_version:
+      description: Devices only; the firmware version, from the manifest, else C(unknown).
+      type: str
 upkeep:
-  description: The last upkeep run, C({state, at_risk, detail}); state is C(ok), C(never), C(failed), C(stale) or C(unreadable).
+  description:
+    - The last upkeep run, C({state, at_risk, detail}); state is C(ok), C(never), C(failed),
+      C(stale) or C(unreadable).
   returned: always
   type: dict
 at_risk:
@@ -143,7 +167,6 @@ import json
 import os
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import fleet_manifest
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import fleet_status as fs
 
@@ -169,7 +192,7 @@ def _load_cert(path):
         with open(path, "rb") as handle:
             return x509.load_pem_x509_certificate(handle.read())
     except (OSError, ValueError) as exc:
-        raise StatusError("cannot read certificate {}: {}".format(path, exc))
+        raise StatusError(f"cannot read certificate {path}: {exc}") from exc
 
 
 def _next_update(path):
@@ -177,7 +200,7 @@ def _next_update(path):
         with open(path, "rb") as handle:
             crl = x509.load_pem_x509_crl(handle.read())
     except (OSError, ValueError) as exc:
-        raise StatusError("cannot read CRL {}: {}".format(path, exc))
+        raise StatusError(f"cannot read CRL {path}: {exc}") from exc
     return crl.next_update_utc
 
 
@@ -187,7 +210,9 @@ def _revoked_serials(path):
         return set()
     with open(path) as handle:
         doc = yaml.safe_load(handle) or {}
-    return {int(e["serial_number"]) for e in doc.get("pki_revoked_certificates") or [] if "serial_number" in e}
+    return {
+        int(e["serial_number"]) for e in doc.get("pki_revoked_certificates") or [] if "serial_number" in e
+    }
 
 
 def _read_state(path):
@@ -209,7 +234,11 @@ def collect(p, now):
         base = os.path.join(p["pki_dir"], ca_dir)
         if os.path.isfile(os.path.join(base, "ca.crt")):
             cert = _load_cert(os.path.join(base, "ca.crt"))
-            rows.append(fs.entry("ca", ca_dir, cert.not_valid_after_utc, now, p["ca_renew_before_days"], period, margin))
+            rows.append(
+                fs.entry(
+                    "ca", ca_dir, cert.not_valid_after_utc, now, p["ca_renew_before_days"], period, margin
+                )
+            )
         if os.path.isfile(os.path.join(base, "crl.pem")):
             expires = _next_update(os.path.join(base, "crl.pem"))
             rows.append(fs.entry("crl", ca_dir, expires, now, p["crl_renew_before_days"], period, margin))
@@ -218,7 +247,11 @@ def collect(p, now):
     for path in sorted(glob.glob(os.path.join(p["pki_dir"], "brokers", "*.crt"))):
         cert = _load_cert(path)
         name = os.path.basename(path)[: -len(".crt")]
-        rows.append(fs.entry("broker", name, cert.not_valid_after_utc, now, p["leaf_renew_before_days"], period, margin))
+        rows.append(
+            fs.entry(
+                "broker", name, cert.not_valid_after_utc, now, p["leaf_renew_before_days"], period, margin
+            )
+        )
 
     manifest = fleet_manifest.last_rows(fleet_manifest.load_rows(p["manifest_dir"], p["manifest_name"]))
     device_dir = os.path.join(p["pki_dir"], "devices")
@@ -229,14 +262,25 @@ def collect(p, now):
         last = manifest.get(device) or {}
         if os.path.isfile(path):
             cert = _load_cert(path)
-            row = fs.entry("device", device, cert.not_valid_after_utc, now, p["leaf_renew_before_days"], period, margin, **extra)
+            row = fs.entry(
+                "device",
+                device,
+                cert.not_valid_after_utc,
+                now,
+                p["leaf_renew_before_days"],
+                period,
+                margin,
+                **extra,
+            )
             if cert.serial_number in revoked:
                 row.update(state="revoked", at_risk=False)
         elif last.get("cert_not_after"):
             # Keys and certificates may be gone from the controller after a verified flash: the
             # manifest recorded the notAfter of what the board holds.
             expires = fs.parse_time(last["cert_not_after"])
-            row = fs.entry("device", device, expires, now, p["leaf_renew_before_days"], period, margin, **extra)
+            row = fs.entry(
+                "device", device, expires, now, p["leaf_renew_before_days"], period, margin, **extra
+            )
         else:
             row = dict(kind="device", name=device, expires=fs.UNKNOWN, days_left=fs.UNKNOWN, state=fs.UNKNOWN,
                        at_risk=False, renewed_by=fs.RENEWED_BY["device"], **extra)  # fmt: skip
@@ -267,7 +311,7 @@ def main():
     if not HAS_CRYPTOGRAPHY:
         module.fail_json(msg=missing_required_lib("cryptography"))
     p = module.params
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     try:
         rows = collect(p, now)
     except (StatusError, fleet_manifest.ManifestError) as exc:
@@ -289,7 +333,9 @@ def main():
         report = {k: result[k] for k in ("generated_at", "rows", "upkeep", "at_risk")}
         try:
             os.makedirs(os.path.dirname(p["dest"]) or ".", exist_ok=True)
-            fleet_manifest.atomic_write(p["dest"], (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(), mode)
+            fleet_manifest.atomic_write(
+                p["dest"], (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(), mode
+            )
         except OSError as exc:
             module.fail_json(msg="cannot write {}: {}".format(p["dest"], exc))
     module.exit_json(**result)

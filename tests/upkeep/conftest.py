@@ -23,7 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PASSPHRASE = "pytest-upkeep-passphrase-0001"
-RECAP = re.compile(r"^localhost\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+.*failed=(?P<failed>\d+)", re.M)
+RECAP = re.compile(
+    r"^localhost\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+.*failed=(?P<failed>\d+)", re.M
+)
 
 
 @dataclass
@@ -82,7 +84,9 @@ class Controller:
                 },
                 "children": {
                     "controller": {"hosts": {"localhost": {"ansible_connection": "local"}}},
-                    "brokers": {"hosts": {"broker2": {"ansible_host": "192.0.2.10", "ansible_connection": "ssh"}}},
+                    "brokers": {
+                        "hosts": {"broker2": {"ansible_host": "192.0.2.10", "ansible_connection": "ssh"}}
+                    },
                     "esp32_devices": {"hosts": {"dev-a": {"ansible_connection": "local"}}},
                 },
             }
@@ -95,10 +99,8 @@ class Controller:
         (self.inventory / "group_vars").mkdir()
         vault = self.inventory / "group_vars" / "all.yml"
         vault.write_text(f"pki_ca_passphrase: {PASSPHRASE}\n")
-        subprocess.run(
-            [str(BIN / "ansible-vault"), "encrypt", "--vault-password-file", str(self.vault_file), str(vault)],
-            check=True, capture_output=True, env=self.env(),
-        )  # fmt: skip
+        encrypt = [str(BIN / "ansible-vault"), "encrypt", "--vault-password-file", str(self.vault_file)]
+        subprocess.run([*encrypt, str(vault)], check=True, capture_output=True, env=self.env())
         self.systemd_dir.mkdir()
         self.script.parent.mkdir()
         self.cron_file.parent.mkdir()

@@ -4,10 +4,9 @@
 import datetime as dt
 
 import pytest
-
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import fleet_status as fs
 
-NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
 
 
@@ -73,7 +72,10 @@ def test_parse_time_takes_iso_and_asn1():
 
 
 def test_table_lists_every_row_and_names_what_is_at_risk():
-    rows = [fs.entry("crl", "ca", NOW + 1 * DAY, NOW, 10, 1, 1), fs.entry("broker", "b1", NOW + 200 * DAY, NOW, 30, 1, 1)]
+    rows = [
+        fs.entry("crl", "ca", NOW + 1 * DAY, NOW, 10, 1, 1),
+        fs.entry("broker", "b1", NOW + 200 * DAY, NOW, 30, 1, 1),
+    ]
     upkeep = {"state": "failed", "at_risk": True, "detail": "last run exited 2"}
     table = fs.render_table(rows, upkeep)
     assert table[0].split()[:2] == ["KIND", "NAME"]

@@ -14,8 +14,15 @@ DAY = dt.timedelta(days=1)
 
 
 def next_update(crl) -> dt.datetime:
-    out = subprocess.run(["openssl", "crl", "-in", str(crl), "-noout", "-nextupdate"], capture_output=True, text=True, check=True)
-    return dt.datetime.strptime(out.stdout.split("=", 1)[1].strip(), "%b %d %H:%M:%S %Y %Z").replace(tzinfo=dt.UTC)
+    out = subprocess.run(
+        ["openssl", "crl", "-in", str(crl), "-noout", "-nextupdate"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dt.datetime.strptime(out.stdout.split("=", 1)[1].strip(), "%b %d %H:%M:%S %Y %Z").replace(
+        tzinfo=dt.UTC
+    )
 
 
 def test_nothing_due_changes_nothing_and_records_a_good_run(controller):

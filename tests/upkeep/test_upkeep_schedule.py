@@ -33,7 +33,9 @@ def test_the_systemd_units_verify(installed):
         pytest.skip("systemd-analyze is not installed")  # Debian's systemd package ships it
     service = installed.systemd_dir / "esp32-fleet-upkeep.service"
     timer = installed.systemd_dir / "esp32-fleet-upkeep.timer"
-    proc = subprocess.run(["systemd-analyze", "verify", str(service), str(timer)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(service), str(timer)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Type=oneshot" in service.read_text()
     assert f"ExecStart={installed.script}" in service.read_text()
