@@ -127,11 +127,12 @@ COLUMNS = (
 
 def render_table(rows, upkeep):
     """The human table: one line per row, then the upkeep line and a verdict line."""
-    cells = [[h for _, h in COLUMNS]]
+    keys = [key for key, header in COLUMNS]
+    cells = [[header for key, header in COLUMNS]]
     for row in rows:
-        cells.append([str(row.get(k, "-")) for k, _ in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells]
+        cells.append([str(row.get(key, "-")) for key in keys])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
+    lines = ["  ".join(line[i].ljust(widths[i]) for i in range(len(keys))).rstrip() for line in cells]
     lines.append("upkeep: {} ({})".format(upkeep["state"], upkeep["detail"]))
     risks = [r["kind"] + " " + r["name"] for r in rows if r["at_risk"]]
     if upkeep["at_risk"]:
