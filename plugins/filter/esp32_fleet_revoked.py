@@ -17,54 +17,25 @@ from __future__ import annotations
 
 import os
 
-import yaml
 from ansible.errors import AnsibleFilterError
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_revoked import (
+    RevokedListError,
+    parse_entries,
+)
 
 try:
     from cryptography import x509
 except ImportError:  # reported when a certificate is read, not when Ansible lists the filters
     x509 = None
 
-_KEY = "pki_revoked_certificates"
-
 
 def esp32_fleet_revoked_entries(document, source="revocation list"):
-    """Return the entries of a revocation list document, each with an int serial_number.
-
-    document is the parsed YAML (a mapping or None, as from_yaml gives it) or its text. An empty
-    document or a missing/empty key means no entries. Anything else fails: an entry without an
-    integer serial_number would otherwise be skipped and its device silently left trusted.
-    """
-    if isinstance(document, (str, bytes)):
-        try:
-            document = yaml.safe_load(document)
-        except yaml.YAMLError as exc:
-            raise AnsibleFilterError(f"{source}: not YAML: {exc}") from exc
-    if document is None:
-        return []
-    if not isinstance(document, dict):
-        raise AnsibleFilterError(f"{source}: expected a mapping with {_KEY}, got {type(document).__name__}")
-    entries = document.get(_KEY) or []
-    if not isinstance(entries, list):
-        raise AnsibleFilterError(f"{source}: {_KEY} must be a list, got {type(entries).__name__}")
-    out = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "serial_number" not in entry:
-            raise AnsibleFilterError(
-                f"{source}: {_KEY}[{index}] is not a mapping with serial_number: {entry!r}"
-            )
-        serial = entry["serial_number"]
-        # bool is an int in Python; "true" is never a serial.
-        if isinstance(serial, bool):
-            serial = None
-        try:
-            serial = int(serial)
-        except (TypeError, ValueError):
-            raise AnsibleFilterError(
-                f"{source}: {_KEY}[{index}].serial_number is not an integer: {entry['serial_number']!r}"
-            ) from None
-        out.append(dict(entry, serial_number=serial))
-    return out
+    """Return the entries of a revocation list document (parsed YAML or its text), each with an int
+    serial_number; a malformed list fails naming its source (module_utils/fleet_revoked.py)."""
+    try:
+        return parse_entries(document, source)
+    except RevokedListError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
 
 
 def esp32_fleet_revoked_merge(entries, more):

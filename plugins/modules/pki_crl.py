@@ -145,6 +145,10 @@ import tempfile
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_lock import exclusive_lock
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_revoked import (
+    RevokedListError,
+    parse_entries,
+)
 
 try:
     import yaml
@@ -178,27 +182,11 @@ def read_entries(path):
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as handle:
-        try:
-            document = yaml.safe_load(handle)
-        except yaml.YAMLError as exc:
-            raise CrlError(f"{path}: not YAML: {exc}") from exc
-    if document is None:
-        return []
-    entries = document.get(_KEY) if isinstance(document, dict) else None
-    if not isinstance(entries, list):
-        if isinstance(document, dict) and entries is None:
-            return []
-        raise CrlError(f"{path}: expected a mapping with a list {_KEY}")
-    out = []
-    for index, entry in enumerate(entries):
-        serial = entry.get("serial_number") if isinstance(entry, dict) else None
-        if isinstance(serial, bool) or not isinstance(serial, (int, str)):
-            raise CrlError(f"{path}: {_KEY}[{index}] has no integer serial_number: {entry!r}")
-        try:
-            out.append(dict(entry, serial_number=int(serial)))
-        except ValueError:
-            raise CrlError(f"{path}: {_KEY}[{index}].serial_number is not an integer: {serial!r}") from None
-    return out
+        text = handle.read()
+    try:
+        return parse_entries(text, path)
+    except RevokedListError as exc:
+        raise CrlError(str(exc)) from exc
 
 
 def merge(entries, add, default_reason, now):
