@@ -146,6 +146,7 @@ import tempfile
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_lock import exclusive_lock
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_revoked import (
+    KEY,
     RevokedListError,
     parse_entries,
 )
@@ -166,7 +167,6 @@ try:
 except ImportError:  # pragma: no cover - reported through the module
     HAS_CRYPTOGRAPHY = False
 
-_KEY = "pki_revoked_certificates"
 _TIME = "%Y%m%d%H%M%SZ"
 # Backdated lastUpdate: a broker whose clock lags the controller's must not see a CRL from the future
 # (OpenSSL then refuses every client certificate).
@@ -216,7 +216,7 @@ def render_list(entries, crl_path):
     where = os.path.join(os.path.basename(os.path.dirname(crl_path)), os.path.basename(crl_path))
     return (
         f"---\n# Revoked certificates, managed by the pki role: the CRL {where} is built from this list.\n"
-    ) + yaml.safe_dump({_KEY: entries}, default_flow_style=False, indent=2, sort_keys=True)
+    ) + yaml.safe_dump({KEY: entries}, default_flow_style=False, indent=2, sort_keys=True)
 
 
 def atomic_write(path, text, mode):
