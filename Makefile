@@ -21,17 +21,31 @@ SITE_DEBS := openssl
 # faketime: the upkeep tests move the clock; cron: its crontab, which ansible.builtin.cron needs.
 TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client faketime cron
 
-.PHONY: site test check status venv lint sanity unit pytest molecule molecule-default molecule-rest image system-deps-site system-deps-test bench clean
+.PHONY: site test check status venv lint sanity unit pytest molecule molecule-default molecule-rest molecule-fleet molecule-station image system-deps-site system-deps-test bench clean
 
 site: venv system-deps-site
 	$(BIN)/ansible-playbook site.yml
 
-# pytest and the broker-only Molecule scenario run side by side: much of each is waiting (brokers,
-# boards, apt in the containers), and the default scenario's fixed ports (18883-18894) sit below the
-# ephemeral range the pytest brokers bind in. Each one's output is printed whole when it ends.
-test: venv system-deps-test image lint sanity
-	$(MAKE) --no-print-directory -j2 --output-sync=target pytest molecule-default
-	$(MAKE) --no-print-directory molecule-rest
+# pytest, the broker-only Molecule scenario and the other two (fleet, then station) run side by side:
+# much of each is waiting (brokers, boards, SSH, apt in the containers; the fleet scenario alone
+# leaves the CPUs ~60% idle). Their containers have their own names and their fixed ports (default
+# 18883-18894, fleet 28883-28884, station 2222) sit below the ephemeral range the pytest brokers bind
+# in. Each one's output is printed whole when it ends.
+# The images (debootstrap: mostly network and disk) are built while lint and sanity use the CPUs.
+# Everything runs even after a failure; the output is kept in .test-logs/test.log and the names of
+# the failed tests are printed last, where a CI log's tail shows them.
+test: venv system-deps-test
+	$(MAKE) --no-print-directory -j3 --output-sync=target image lint sanity
+	mkdir -p .test-logs
+	rc=0; \
+	$(MAKE) --no-print-directory -k -j3 --output-sync=target pytest molecule-default molecule-rest 2>&1 \
+		| tee .test-logs/test.log || rc=1; \
+	if [ $$rc -ne 0 ]; then \
+		echo "=== make test failed; failed tests (whole output: .test-logs/test.log):"; \
+		sed 's/\x1b\[[0-9;]*m//g' .test-logs/test.log \
+			| grep -aoE '(FAILED|ERROR) +[^ ]+\.py(::[^ ]+)?|Molecule executed .*failed.*' | sort -u; \
+	fi; \
+	exit $$rc
 
 # What expires when (CAs, CRLs, broker and device certificates, the last upkeep run): one table, the
 # same as JSON in manifests/status.json; fails when anything lapses before upkeep can renew it.
@@ -84,8 +98,12 @@ molecule: molecule-default molecule-rest
 molecule-default: venv image
 	$(BIN)/molecule test -s default
 
-molecule-rest: venv image
+molecule-rest: molecule-fleet molecule-station
+
+molecule-fleet: venv image
 	$(BIN)/molecule test -s fleet
+
+molecule-station: venv image
 	$(BIN)/molecule test -s station
 
 # Benchmarks (bench/README.md). Every script writes into
@@ -103,4 +121,4 @@ bench: venv system-deps-test image
 	exit $$rc
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .test-logs

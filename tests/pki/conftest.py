@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -171,10 +172,7 @@ def new_pki(tmp_path) -> Pki:
     return pki
 
 
-@pytest.fixture(scope="session")
-def issued(tmp_path_factory):
-    """A PKI made by the four-run pattern; yields (pki, [check, real, check, real] runs)."""
-    base = tmp_path_factory.mktemp("issued")
+def _four_runs(base: Path) -> list[Run]:
     pki = Pki(base, json.loads(json.dumps(BROKERS)), json.loads(json.dumps(DEVICES)))
     pki.write_inventory()
     runs = []
@@ -183,6 +181,26 @@ def issued(tmp_path_factory):
         assert runs[-1].rc == 0, runs[-1].output[-4000:]
         if len(runs) == 1:  # check mode on a fresh tree must not write anything
             assert not pki.pki.exists()
+    return runs
+
+
+@pytest.fixture(scope="session")
+def issued(tmp_path_factory, worker_id):
+    """A PKI made by the four-run pattern; yields (pki, [check, real, check, real] runs).
+
+    Made once per test session, not once per xdist worker: the first worker to get here makes it
+    under a file lock in the directory the workers share, and the others read what it recorded.
+    Tests only read it (copy_of_issued gives a test its own copy).
+    """
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    base, record = shared / "issued", shared / "issued.json"
+    with FileLock(str(shared / "issued.lock")):
+        if not record.exists():
+            base.mkdir()
+            runs = _four_runs(base)
+            record.write_text(json.dumps([[r.rc, r.output, r.recap] for r in runs]))
+    runs = [Run(rc, output, recap) for rc, output, recap in json.loads(record.read_text())]
+    pki = Pki(base, json.loads(json.dumps(BROKERS)), json.loads(json.dumps(DEVICES)))
     return pki, runs
 
 

@@ -149,7 +149,9 @@ class Availability:
     def _up(self):
         with (
             contextlib.suppress(OSError),
-            socket.create_connection(("localhost", self.port), timeout=2) as raw,
+            # A broker that is down refuses at once; a slow handshake on a loaded machine is not
+            # an outage, so it gets the full TIMEOUT before it counts as one.
+            socket.create_connection(("localhost", self.port), timeout=TIMEOUT) as raw,
             self.ctx.wrap_socket(raw, server_hostname="localhost"),
         ):
             return True

@@ -124,7 +124,7 @@ def test_listener_port_held_by_another_process_is_refused(host, original, watch)
     try:
         assert holder.isdigit()
         listening = "ss -Hltn 'sport = :9884' | grep -q . && exit 0"
-        assert host.run(f"for i in $(seq 100); do {listening}; sleep 0.1; done; exit 1").rc == 0
+        assert host.run(f"for i in $(seq 300); do {listening}; sleep 0.1; done; exit 1").rc == 0
         change = listeners_custom(applications={"state": "present", "port": 9884})
         rc, out, raw, monitor = watch("-e", json.dumps(change))
     finally:
