@@ -32,8 +32,8 @@ site: venv system-deps-site
 # 18883-18894, fleet 28883-28884, station 2222) sit below the ephemeral range the pytest brokers bind
 # in. Each one's output is printed whole when it ends.
 # The images (debootstrap: mostly network and disk) are built while lint and sanity use the CPUs.
-# Everything runs even after a failure; the output is kept in .test-logs/test.log and the names of
-# the failed tests are printed last, where a CI log's tail shows them.
+# pytest and the scenarios all run even after one of them failed; their output is kept in
+# .test-logs/test.log and the names of the failed tests are printed last, where a CI log's tail shows them.
 test: venv system-deps-test
 	$(MAKE) --no-print-directory -j3 --output-sync=target image lint sanity
 	mkdir -p .test-logs

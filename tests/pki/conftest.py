@@ -172,8 +172,7 @@ def new_pki(tmp_path) -> Pki:
     return pki
 
 
-def _four_runs(base: Path) -> list[Run]:
-    pki = Pki(base, json.loads(json.dumps(BROKERS)), json.loads(json.dumps(DEVICES)))
+def _four_runs(pki: Pki) -> list[Run]:
     pki.write_inventory()
     runs = []
     for args in (["--check", "--diff"], [], ["--check", "--diff"], []):
@@ -185,22 +184,26 @@ def _four_runs(base: Path) -> list[Run]:
 
 
 @pytest.fixture(scope="session")
-def issued(tmp_path_factory, worker_id):
+def issued(tmp_path_factory):
     """A PKI made by the four-run pattern; yields (pki, [check, real, check, real] runs).
 
     Made once per test session, not once per xdist worker: the first worker to get here makes it
     under a file lock in the directory the workers share, and the others read what it recorded.
     Tests only read it (copy_of_issued gives a test its own copy).
     """
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    base, record = shared / "issued", shared / "issued.json"
+    own = tmp_path_factory.getbasetemp()
+    # Under xdist (PYTEST_XDIST_WORKER set) each worker's base temp dir sits in one they share.
+    shared = own.parent if os.environ.get("PYTEST_XDIST_WORKER") else own
+    pki = Pki(shared / "issued", json.loads(json.dumps(BROKERS)), json.loads(json.dumps(DEVICES)))
+    record = shared / "issued.json"
     with FileLock(str(shared / "issued.lock")):
         if not record.exists():
-            base.mkdir()
-            runs = _four_runs(base)
+            if pki.base.exists():
+                pytest.fail(f"making the shared PKI in {pki.base} failed in another worker: see its error")
+            pki.base.mkdir()
+            runs = _four_runs(pki)
             record.write_text(json.dumps([[r.rc, r.output, r.recap] for r in runs]))
     runs = [Run(rc, output, recap) for rc, output, recap in json.loads(record.read_text())]
-    pki = Pki(base, json.loads(json.dumps(BROKERS)), json.loads(json.dumps(DEVICES)))
     return pki, runs
 
 
