@@ -47,6 +47,14 @@ def read_config(flash_path: str, offset: int = 0x9000, size: int = 0x6000) -> di
         raise BootError(EXIT_CONFIG, f"cannot read flash image {flash_path}: {e.strerror}") from None
     if len(image) != size:
         raise BootError(EXIT_CONFIG, f"flash image {flash_path} ends before the NVS partition")
+    return config_from_image(image, offset)
+
+
+def config_from_image(image: bytes, offset: int = 0x9000) -> dict:
+    """The checked `mqtt` namespace of an NVS partition image (offset: for messages only).
+
+    Required strings are returned as str; other keys (renew_days, a u16) as parse_nvs reads them.
+    """
     try:
         namespaces = parse_nvs(image)
     except NvsError as e:
@@ -89,6 +97,13 @@ def _tls_context(cfg: dict) -> ssl.SSLContext:
                 EXIT_CONFIG, f"client_cert/client_key from NVS do not load or do not match ({e.reason})"
             ) from None
     return ctx
+
+
+def reading(device_id: str, sensor: "Sensor", seq: int) -> str:
+    """One telemetry payload: {"device_id", "temperature_c", "humidity_pct", "seq"}."""
+    temperature, humidity = sensor.read()
+    fields = {"device_id": device_id, "temperature_c": temperature, "humidity_pct": humidity, "seq": seq}
+    return json.dumps(fields)
 
 
 class Sensor:
@@ -183,10 +198,7 @@ def run(cfg: dict, interval: float, count: int | None, timeout: float, topic_ove
             if seq:
                 time.sleep(interval)
             seq += 1
-            temperature, humidity = sensor.read()
-            payload = json.dumps(
-                {"device_id": device_id, "temperature_c": temperature, "humidity_pct": humidity, "seq": seq}
-            )
+            payload = reading(device_id, sensor, seq)
             info = client.publish(topic, payload, qos=1)
             wait(lambda mid=info.mid: mid in state["acks"], "PUBACK")
             reason = state["acks"][info.mid]

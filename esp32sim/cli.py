@@ -1,4 +1,4 @@
-"""Command line: `esp32sim serve | fleet start|stop|status | boot`."""
+"""Command line: `esp32sim serve | fleet start|stop|status | boot | run`."""
 
 import argparse
 import signal
@@ -71,6 +71,14 @@ def build_parser():
         metavar="I:KIND[=VALUE]",
         help="fault for board I",
     )
+    fs.add_argument(
+        "--firmware",
+        action="store_true",
+        help="run each board's firmware (esp32sim run) while nobody has its port open",
+    )
+    fs.add_argument(
+        "--firmware-interval", type=float, default=5.0, metavar="S", help="seconds between readings"
+    )
     for name, text in (("stop", "stop the boards of DIR"), ("status", "print JSON status of DIR")):
         fx = fsub.add_parser(name, help=text)
         fx.add_argument("--dir", required=True)
@@ -87,6 +95,18 @@ def build_parser():
     n.add_argument("--count", type=int, help="publish N readings and exit")
     b.add_argument("--timeout", type=float, default=10.0, help="network timeout in seconds")
     b.add_argument("--topic-override", metavar="TOPIC", help="publish here instead of the own topic")
+
+    r = sub.add_parser("run", help="run the provisioned board's firmware (renewal included) until SIGTERM")
+    r.add_argument("--flash", required=True, metavar="FILE")
+    r.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
+    part = "(default: the partition table at 0x8000, else %s)"
+    r.add_argument("--nvs-offset", type=lambda x: int(x, 0), help=f"the nvs partition {part % '0x9000'}")
+    r.add_argument("--nvs-size", type=lambda x: int(x, 0), default=0x6000)
+    r.add_argument("--field-offset", type=lambda x: int(x, 0), help=f"nvs_field {part % '0x312000'}")
+    r.add_argument("--field-size", type=lambda x: int(x, 0), default=0x6000)
+    r.add_argument("--backoff-cap", type=float, default=60.0, metavar="S", help="reconnect backoff cap")
+    r.add_argument("--reject-wait", type=float, default=3600.0, metavar="S", help="wait after `rejected`")
+    r.add_argument("--quiet", action="store_true", help="do not print events")
     return p
 
 
@@ -135,6 +155,50 @@ def cmd_serve(args):
     return 0
 
 
+def cmd_run(args):
+    """The board's application in the foreground: one line per event on stdout, until SIGTERM."""
+    import os
+
+    from .boot import EXIT_CONFIG, BootError, config_from_image
+    from .device import Flash
+    from .firmware import Firmware, partition_layout
+
+    if not os.path.isfile(args.flash):
+        print(f"esp32sim run: no flash image {args.flash}", file=sys.stderr)
+        return EXIT_CONFIG
+    flash = Flash(args.flash)
+    try:
+        nvs = (args.nvs_offset, args.nvs_size) if args.nvs_offset is not None else None
+        field = (args.field_offset, args.field_size) if args.field_offset is not None else None
+        nvs_part, _, _ = partition_layout(flash, nvs, field)
+        try:
+            if nvs_part is None:
+                raise BootError(EXIT_CONFIG, "the partition table has no nvs partition")
+            config_from_image(flash.read(*nvs_part), nvs_part[0])
+        except BootError as e:
+            print(f"esp32sim run: {e}", file=sys.stderr)
+            return e.code
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *a: stop.set())
+        signal.signal(signal.SIGINT, lambda *a: stop.set())
+        log = None if args.quiet else (lambda line: print(line, flush=True))
+        fw = Firmware(
+            flash,
+            interval=args.interval,
+            log=log,
+            nvs=nvs,
+            field=field,
+            backoff_cap=args.backoff_cap,
+            reject_wait=args.reject_wait,
+        ).start()
+        while not stop.wait(0.2) and fw.alive:
+            pass
+        fw.stop()
+        return 0
+    finally:
+        flash.close()
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -147,6 +211,8 @@ def main(argv=None):
         from . import boot
 
         return boot.main(args)
+    if args.command == "run":
+        return cmd_run(args)
     return 2
 
 

@@ -4,9 +4,15 @@ DIR/fleet.json   what was asked for (boards, ports, MACs, faults)
 DIR/fleet.pid    the daemon's pid, written once every pty is ready, removed when it exits
 DIR/fleet.log    the daemon's log
 DIR/ttyUSB<i>    symlink to board i's /dev/pts/N;  DIR/ttyUSB<i>.flash its flash image
+
+With `--firmware` each board also runs its application (esp32sim.firmware) whenever nobody has
+its serial port open: opening the port is the reset into the ROM bootloader (the firmware stops
+at once, mid-write if need be, as on a real board), closing it lets the board boot again from
+flash. An unprovisioned board boots, finds no `mqtt` namespace and idles.
 """
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -25,6 +31,14 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 # `fleet start` on a running fleet with unplugged boards asks the daemon to plug them back in.
 REPLUG_SIGNAL = signal.SIGUSR1
+_LOG_LOCK = threading.Lock()
+
+
+def _emit(line):
+    """One whole line on the daemon's log (stderr), even with many board threads writing."""
+    with _LOG_LOCK:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _paths(d):
@@ -54,7 +68,12 @@ def build_config(args) -> dict:
                 "faults": faults.get(i, []),
             }
         )
-    return {"dir": d, "baud_pacing": bool(args.baud_pacing), "boards": boards}
+    cfg = {"dir": d, "baud_pacing": bool(args.baud_pacing), "boards": boards}
+    if getattr(args, "firmware", False):
+        if args.firmware_interval <= 0:
+            raise ValueError("--firmware-interval must be positive")
+        cfg["firmware"] = {"interval": args.firmware_interval}
+    return cfg
 
 
 def _read_pid(pidfile):
@@ -97,6 +116,7 @@ def status(d) -> dict:
         "pids": [pid] if alive else [],
         "alive": alive,
         "baud_pacing": cfg.get("baud_pacing", False),
+        "firmware": cfg.get("firmware"),
         "count": len(boards),
         "boards": boards,
         "ports": [b["port"] for b in boards],
@@ -200,6 +220,65 @@ def stop(args) -> int:
     return 0
 
 
+class _FirmwareHost:
+    """Runs one board's firmware while its port is closed (and it is plugged in)."""
+
+    def __init__(self, index, board, interval):
+        self.index = index
+        self.board = board
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.fw = None
+        self.port_open = False
+        self.unplugged = False
+        board.on_power_on = self.port_opened
+        board.on_release = self.port_closed
+
+    def log(self, msg):
+        _emit(f"board {self.index}: firmware: {msg}")
+
+    def port_opened(self):
+        # Called by the transport before the bootloader session starts: the firmware is halted
+        # (no more flash writes, its connection dropped) before esptool's first command runs.
+        with self.lock:
+            self.port_open = True
+            if self.fw is not None and self.fw.alive:
+                self.fw.halt()
+                stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")[:23]
+                self.log(f"{stamp}Z reset into the ROM bootloader (port opened)")
+
+    def port_closed(self):
+        with self.lock:
+            self.port_open = False
+
+    def pull(self):
+        with self.lock:
+            self.unplugged = True
+            if self.fw is not None:
+                self.fw.halt()
+
+    def plug(self):
+        with self.lock:
+            self.unplugged = False
+            self.port_open = False
+
+    def tick(self):
+        """Boot the firmware if the board should be running it and is not (the old one is gone)."""
+        from .firmware import Firmware
+
+        with self.lock:
+            if self.port_open or self.unplugged or (self.fw is not None and self.fw.alive):
+                return
+            self.fw = Firmware(self.board.flash, interval=self.interval, log=self.log).start()
+
+    def close(self):
+        with self.lock:
+            fw, self.fw = self.fw, None
+            self.unplugged = True
+        if fw is not None:
+            fw.stop(3)
+
+
 def run_daemon(args) -> int:
     """The daemon: serve every board until SIGTERM."""
     d = os.path.abspath(args.dir)
@@ -211,17 +290,20 @@ def run_daemon(args) -> int:
     signal.signal(signal.SIGTERM, lambda *a: stop_event.set())
     signal.signal(signal.SIGINT, lambda *a: stop_event.set())
     signal.signal(REPLUG_SIGNAL, lambda *a: replug.set())
-    transports, boards, threads = [], [], []
+    transports, boards, threads, hosts = [], [], [], []
+    firmware = cfg.get("firmware")
     try:
         for b in cfg["boards"]:
 
             def log(msg, i=b["index"]):
-                print(f"board {i}: {msg}", file=sys.stderr, flush=True)
+                _emit(f"board {i}: {msg}")
 
             board = Board(
                 b["flash"], mac=b["mac"], faults=b["faults"], baud_pacing=cfg["baud_pacing"], log=log
             )
             boards.append(board)
+            if firmware:
+                hosts.append(_FirmwareHost(b["index"], board, firmware["interval"]))
             transports.append(PtyTransport(board, b["port"]))
         for t in transports:
             th = threading.Thread(target=t.serve, args=(stop_event,), daemon=True)
@@ -234,11 +316,17 @@ def run_daemon(args) -> int:
         print(f"fleet ready: {len(boards)} boards", file=sys.stderr, flush=True)
         while not stop_event.is_set():
             stop_event.wait(0.1)
+            for host, t in zip(hosts, transports, strict=False):
+                if t.unplugged and not host.unplugged:
+                    host.pull()  # the USB cable is the board's power too
+                host.tick()
             if replug.is_set():
                 replug.clear()
                 for i, t in enumerate(transports):
                     if t.unplugged:
                         transports[i] = PtyTransport(boards[i], t.link_path)
+                        if hosts:
+                            hosts[i].plug()
                         th = threading.Thread(target=transports[i].serve, args=(stop_event,), daemon=True)
                         th.start()
                         threads[i] = th
@@ -250,6 +338,8 @@ def run_daemon(args) -> int:
         return 0
     finally:
         stop_event.set()
+        for host in hosts:
+            host.close()
         for th in threads:
             th.join(2)
         for t in transports:

@@ -38,14 +38,25 @@ class Board:
         self.log = log or (lambda msg: None)
         self.resets = 0
         self.unplugs = 0  # times the unplug fault pulled this board's port
+        # Fleet --firmware: called when an opener resets the board into the ROM bootloader, and
+        # when the last opener has gone (the board then runs its application again).
+        self.on_power_on = None
+        self.on_release = None
 
     def power_on(self) -> Session:
+        if self.on_power_on:
+            self.on_power_on()
         self.resets += 1
         self.log(f"power-on reset #{self.resets}: ROM bootloader waiting for download")
         session = Session(self.flash, self.regs, self.faults, log=self.log)
         # Pulled once, replugged, and left alone: a rerun after the replug must be able to finish.
         session.unplug_armed = session.unplug_armed and self.unplugs == 0
         return session
+
+    def released(self):
+        """Nobody holds the port any more."""
+        if self.on_release:
+            self.on_release()
 
     def close(self):
         self.flash.close()
@@ -217,6 +228,7 @@ class PtyTransport:
                 w = []
             if self.master in r and not link.on_readable():
                 link.session = None  # hung up: the board idles until the next open
+                self.board.released()
                 continue
             link.process()
             if link.session.unplugged:
@@ -224,6 +236,7 @@ class PtyTransport:
                 return
             if self.master in w and not link.on_writable():
                 link.session = None
+                self.board.released()
 
     def unplug(self):
         """The adapter is pulled: the port's path and its pty disappear; the opener gets a hang-up."""
@@ -288,6 +301,7 @@ class TcpTransport:
                 self._serve_conn(conn, stop)
             finally:
                 conn.close()
+                self.board.released()
 
     def _serve_conn(self, conn, stop):
         link = _Link(self.board, conn.fileno())

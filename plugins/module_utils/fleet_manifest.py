@@ -22,7 +22,11 @@ import tempfile
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_lock import exclusive_lock
 
 MANIFEST_VERSION = 1
-RESULTS = ("provisioned", "unchanged", "failed", "revoked")
+# renewed: the board replaced its certificate over the air (docs/device-protocol.md); its flash
+# (the station's nvs partition) is as the row before it recorded, the certificate is the new one.
+RESULTS = ("provisioned", "unchanged", "renewed", "failed", "revoked")
+# Rows that describe a working board: what the next station run compares the board with.
+SUCCESS_RESULTS = ("provisioned", "unchanged", "renewed")
 # CSV column order (JSON rows carry the same keys).
 FIELDS = (
     "run_id",
@@ -225,9 +229,9 @@ def last_rows(rows, results=None):
 
 
 def summarize(rows):
-    """Group rows by result: {'provisioned': [ids], 'unchanged': [ids], 'revoked': [ids],
+    """Group rows by result: {'provisioned': [ids], 'unchanged': [ids], 'renewed': [ids], 'revoked': [ids],
     'failed': [{device_id, reason}]}."""
-    summary = {"provisioned": [], "unchanged": [], "revoked": [], "failed": []}
+    summary = {"provisioned": [], "unchanged": [], "renewed": [], "revoked": [], "failed": []}
     for row in rows:
         result = row.get("result")
         if result == "failed":

@@ -11,8 +11,7 @@ The rule, per expiring thing (CRL nextUpdate, certificate notAfter):
 - ``expired``  -- already past: at risk.
 - ``at-risk``  -- fewer days left than one upkeep period plus a margin: even when upkeep renews this
   kind of thing, the next scheduled run may come after it has lapsed; or inside its renewal window
-  while nothing renews it automatically (device certificates until over-the-air renewal exists, CAs,
-  whose rotation is an operator's decision).
+  while nothing renews it automatically (CAs, whose rotation is an operator's decision).
 - ``due``      -- inside its renewal window and upkeep renews it: the next run will.
 - ``ok``       -- outside its renewal window.
 """
@@ -22,11 +21,12 @@ import datetime as dt
 DAY = 86400.0
 UNKNOWN = "unknown"
 
-# How each kind of thing is renewed; only "upkeep" happens without a person.
+# How each kind of thing is renewed; only upkeep happens without a person. Device certificates are
+# renewed over the air (docs/device-protocol.md): the board asks inside its window, upkeep answers.
 RENEWED_BY = {
     "crl": "upkeep",
     "broker": "upkeep",
-    "device": "re-provision at a station",
+    "device": "upkeep (over the air)",
     "ca": "CA rotation (operator)",
 }
 
@@ -86,7 +86,7 @@ def parse_time(text):
 
 def entry(kind, name, expires, now, renew_before_days, period_days, margin_days, **extra):
     """One row of the status: the thing, its expiry, days left, state and who renews it."""
-    renewable = RENEWED_BY[kind] == "upkeep"
+    renewable = RENEWED_BY[kind].startswith("upkeep")
     state, at_risk = classify(expires, now, renew_before_days, renewable, period_days, margin_days)
     row = {
         "kind": kind,

@@ -31,7 +31,7 @@ options:
   rows:
     description:
       - Rows to append. Keys are the manifest fields (C(device_id) and C(result) are required;
-        C(result) is one of C(provisioned), C(unchanged), C(failed), C(revoked)).
+        C(result) is one of C(provisioned), C(unchanged), C(renewed), C(failed), C(revoked)).
       - C(firmware) is a list of mappings (C(offset), C(sha256), ...).
     type: list
     elements: dict

@@ -55,13 +55,14 @@ last:
   returned: always
   type: dict
 last_success:
-  description: Device id to its most recent row whose result is C(provisioned) or C(unchanged).
+  description: Device id to its most recent row whose result is C(provisioned), C(unchanged) or C(renewed).
   returned: always
   type: dict
 """
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_manifest import (
+    SUCCESS_RESULTS,
     ManifestError,
     last_rows,
     load_rows,
@@ -84,7 +85,7 @@ def main():
         changed=False,
         rows_total=len(rows),
         last=last_rows(rows),
-        last_success=last_rows(rows, ("provisioned", "unchanged")),
+        last_success=last_rows(rows, SUCCESS_RESULTS),
     )
 
 

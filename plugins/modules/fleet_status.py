@@ -128,7 +128,7 @@ rows:
       description: Whether this row makes the status fail.
       type: bool
     renewed_by:
-      description: What renews it, C(upkeep), C(re-provision at a station) or C(CA rotation (operator)).
+      description: What renews it, C(upkeep), C(upkeep (over the air)) or C(CA rotation (operator)).
       type: str
     renewal_state:
       description: Devices only; their renewal state from the manifest, else C(unknown).

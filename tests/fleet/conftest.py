@@ -106,3 +106,7 @@ def fleet_project(tmp_path):
     yield make
     for project in projects:
         project.stop_lab()
+
+
+# The living fleet of the over-the-air renewal tests (firmware twins, a real broker): tests/fleet/living.py.
+from .living import living_fleet  # noqa: E402, F401

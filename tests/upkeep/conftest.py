@@ -81,6 +81,9 @@ class Controller:
                     "upkeep_manifest_dir": str(self.base / "manifests"),
                     "upkeep_cron_file": str(self.cron_file),
                     "upkeep_systemd_dir": str(self.systemd_dir),
+                    # No broker is reachable here: the over-the-air renewal play is tested against a
+                    # living fleet (tests/fleet/test_fleet_renewal.py).
+                    "renewal_enabled": False,
                 },
                 "children": {
                     "controller": {"hosts": {"localhost": {"ansible_connection": "local"}}},

@@ -36,8 +36,11 @@ def test_entry_says_who_renews_and_only_devices_get_device_columns():
     crl = fs.entry("crl", "ca", NOW + 3 * DAY, NOW, 10, 1, 1)
     assert crl["state"] == "due" and crl["renewed_by"] == "upkeep" and crl["days_left"] == 3.0
     assert crl["expires"] == "2026-06-04T12:00:00Z" and "last_seen" not in crl
+    # Boards renew over the air: 3 days left inside the window is due (the next upkeep answers), 1 day
+    # left with a daily timer is at risk.
     dev = fs.entry("device", "d1", NOW + 3 * DAY, NOW, 30, 1, 1, **fs.device_fields(None))
-    assert dev["state"] == "at-risk" and dev["renewed_by"] == "re-provision at a station"
+    assert dev["state"] == "due" and dev["renewed_by"] == "upkeep (over the air)"
+    assert fs.entry("device", "d1", NOW + 1 * DAY, NOW, 30, 1, 1)["state"] == "at-risk"
     assert dev["renewal_state"] == dev["last_seen"] == dev["firmware_version"] == "unknown"
 
 

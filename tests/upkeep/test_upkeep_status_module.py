@@ -42,7 +42,8 @@ def test_revoked_manifest_only_and_inventory_only_devices(installed, tmp_path):
         f"  - {{serial_number: {int(serial, 16)}, revocation_date: '20260101000000Z', device_id: dev-a}}\n"
     )
     manifests = tmp_path / "manifests"
-    soon = (NOW + dt.timedelta(days=5)).strftime("%Y%m%d%H%M%SZ")
+    # Renewed over the air by upkeep, but sooner than one period plus the margin: the next run may be late.
+    soon = (NOW + dt.timedelta(days=1.5)).strftime("%Y%m%d%H%M%SZ")
     row = {"timestamp": "2026-01-01T00:00:00Z", "device_id": "dev-z", "result": "provisioned"}
     fleet_manifest.append_rows(str(manifests), [dict(row, cert_not_after=soon)])
     # A field the manifest does not have yet (the devices' own reports will add it).
@@ -53,7 +54,8 @@ def test_revoked_manifest_only_and_inventory_only_devices(installed, tmp_path):
     rows = {(r["kind"], r["name"]): r for r in fleet_status.collect(params(pki, manifests, ["dev-new"]), NOW)}
     assert rows[("device", "dev-a")]["state"] == "revoked" and not rows[("device", "dev-a")]["at_risk"]
     z = rows[("device", "dev-z")]
-    assert z["state"] == "at-risk" and z["at_risk"] and 4.9 < z["days_left"] <= 5.0
+    assert z["state"] == "at-risk" and z["at_risk"] and 1.4 < z["days_left"] <= 1.5
+    assert z["renewed_by"] == "upkeep (over the air)"
     assert z["firmware_version"] == "1.4.2" and z["last_seen"] == "unknown"
     new = rows[("device", "dev-new")]
     assert new["state"] == new["expires"] == "unknown" and not new["at_risk"]
