@@ -608,4 +608,3 @@ def test_an_nvs_field_without_a_free_page_is_erased_and_started_afresh(boards):
     fw.wait_for("published", seq=1)
     assert field(path) == {"base_fp": cert_fingerprint(pem(station))}
     assert path.read_bytes()[NVS] == nvs_before
-

@@ -114,6 +114,17 @@ def test_renew_on_request_switches_one_board_and_revokes_its_old_serial(living_f
     assert rc == 0, out[-3000:]
     assert recap["localhost"]["changed"] == 0, out[-3000:]
 
+    # The station run that follows (the board is still on its USB port) keeps the field credential:
+    # no new key on the controller, nothing flashed, the board recorded unchanged.
+    flash_before = (project.sim_dir / "ttyUSB0.flash").read_bytes()[0x9000:0xF000]
+    rc, out, _ = project.run()
+    assert rc == 0, out[-4000:]
+    assert project.last()["b1"]["result"] == "unchanged", project.last()["b1"]
+    assert not (project.pki / "devices" / "b1.key").exists()
+    assert serial_of((project.pki / "devices" / "b1.crt").read_text()) == new_serial
+    assert (project.sim_dir / "ttyUSB0.flash").read_bytes()[0x9000:0xF000] == flash_before
+    assert serial_of(current_credential(field_state(project, 0), station_state(project, 0))[0]) == new_serial
+
 
 def test_only_the_service_identity_can_answer_a_board(living_fleet):
     project, broker = living_fleet, living_fleet.broker

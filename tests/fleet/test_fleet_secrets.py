@@ -22,8 +22,9 @@ WORDS += ["admin", "welcome", "hunter2", "trustno1", "football", "princess", "sh
 
 
 def unkeyed(project, device_id, password):
-    """The settings hash of earlier releases: everything in it but the password is known to anyone
-    who can read the inventory and the (public) CA."""
+    """The unkeyed settings hash of earlier releases (over this release's settings, so that only the
+    keying differs): everything in it but the password is known to anyone who can read the inventory
+    and the (public) CA."""
     ca = (project.pki / "ca" / "bundle.pem").read_bytes()
     data = {
         "device_id": device_id,
@@ -34,6 +35,7 @@ def unkeyed(project, device_id, password):
         "ca_sha256": hashlib.sha256(ca).hexdigest(),
         "nvs_offset": 36864,
         "nvs_size": 24576,
+        "renew_days": 30,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -110,13 +110,17 @@ def test_last_rows_and_summary():
         row("b2", "failed", reason="flash verify failed"),
         row("b1", "unchanged"),
         row("b3", "revoked", reason="certificate revoked"),
+        row("b4", "renewed", reason="renewed over the air"),
     ]
     assert fm.last_rows(rows)["b2"]["result"] == "failed"
+    # A renewal over the air is the device's last success too (the station compares with it).
+    assert fm.last_rows(rows, fm.SUCCESS_RESULTS)["b4"]["result"] == "renewed"
     assert fm.last_rows(rows, ("provisioned", "unchanged"))["b2"]["result"] == "provisioned"
     assert fm.summarize(rows[2:]) == {
         "provisioned": [],
         "unchanged": ["b1"],
         "revoked": ["b3"],
+        "renewed": ["b4"],
         "failed": [{"device_id": "b2", "reason": "flash verify failed"}],
     }
 
