@@ -350,6 +350,8 @@ class Firmware:
     window_check: how often the renewal window is evaluated while connected.
     settle: after SUBACK, how long retained answers get to arrive before a pending request is
     published again and the window is checked.
+    keep_events: keep only about this many events in memory (None: all). log_every_reading: log the
+    first reading and then one in this many (1: all).
     """
 
     def __init__(
@@ -368,6 +370,8 @@ class Firmware:
         window_check: float = 3600.0,
         connect_timeout: float = 10.0,
         settle: float = 0.3,
+        keep_events: int | None = None,
+        log_every_reading: int = 1,
     ):
         self._own_flash = isinstance(flash, str)
         if self._own_flash:
@@ -380,6 +384,10 @@ class Firmware:
         self.flash = _BoardFlash(flash, self._lock, self._halted)
         self.interval = interval
         self._log_cb = log
+        # A board that runs for months (the living lab) keeps only its last keep_events events in
+        # memory and logs one reading in log_every_reading; tests keep and log everything.
+        self.keep_events = keep_events
+        self.log_every_reading = max(1, log_every_reading)
         self._nvs_arg, self._field_arg = nvs, field
         self.reject_wait = reject_wait
         self.retry_wait = reject_wait if retry_wait is None else retry_wait
@@ -447,7 +455,12 @@ class Firmware:
         e = {"event": name, "t": now, "mono": time.monotonic(), **fields}
         with self._cond:
             self.events.append(e)
+            if self.keep_events and len(self.events) > self.keep_events:
+                del self.events[: len(self.events) - self.keep_events // 2]
             self._cond.notify_all()
+        seq = fields.get("seq", 1)
+        if name == "published" and seq != 1 and seq % self.log_every_reading:
+            return
         if self._log_cb:
             stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="milliseconds")
             parts = [f"{k}={_quote(v)}" for k, v in fields.items()]

@@ -269,7 +269,14 @@ class _FirmwareHost:
         with self.lock:
             if self.port_open or self.unplugged or (self.fw is not None and self.fw.alive):
                 return
-            self.fw = Firmware(self.board.flash, interval=self.interval, log=self.log).start()
+            # Months of readings: bounded memory, and fleet.log gets one reading an hour per board.
+            self.fw = Firmware(
+                self.board.flash,
+                interval=self.interval,
+                log=self.log,
+                keep_events=10000,
+                log_every_reading=max(1, round(3600 / self.interval)),
+            ).start()
 
     def close(self):
         with self.lock:

@@ -101,15 +101,22 @@ def entry(kind, name, expires, now, renew_before_days, period_days, margin_days,
     return row
 
 
-def device_fields(row):
-    """The columns only a device's own reports can fill, from its manifest row where recorded, else
-    ``unknown`` (nothing is guessed)."""
+def device_fields(row, report=None):
+    """The columns only a device's own reports can fill: from what the board reported just now
+    (report: fleet_renewal's observe, its retained status and the readings seen while listening)
+    where given, else its manifest row where recorded, else ``unknown`` (nothing is guessed). A board
+    that was listened to and sent no reading is ``silent``."""
     row = row or {}
-    return {
+    fields = {
         "renewal_state": row.get("renewal_state") or UNKNOWN,
         "last_seen": row.get("last_seen") or UNKNOWN,
         "firmware_version": row.get("firmware_version") or UNKNOWN,
     }
+    if report:
+        fields["renewal_state"] = report.get("renewal_state") or fields["renewal_state"]
+        fields["firmware_version"] = report.get("firmware_version") or fields["firmware_version"]
+        fields["last_seen"] = report.get("last_reading") or "silent"
+    return fields
 
 
 COLUMNS = (

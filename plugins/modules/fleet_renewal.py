@@ -39,6 +39,10 @@ description:
     again with its nonce. A rerun changes nothing.
   - O(action=publish_ca) makes every board's retained C(R/pki/ca) carry O(ca_bundle); only boards whose
     retained bundle differs are published to.
+  - O(action=observe) only reads (also in check mode) each board's retained C(R/status) (its firmware
+    version, certificate serial, renewal state, online or its Last Will) and the readings it sends on
+    C(R/telemetry) during O(wait) seconds (give it one reading interval). The service identity may read
+    these two topics (the mosquitto role's ACL). Needs no O(state_file).
   - Revoked boards (O(devices[].revoked=true)) are never published a command or bundle; their requests
     are refused with C(revoked) while the broker still lets the controller read them.
   - Retained messages arrive right after the SUBACK; the module waits after the SUBACK until no
@@ -55,7 +59,7 @@ options:
     description: The step of the exchange to do.
     type: str
     required: true
-    choices: [collect, answer, finish, command, publish_ca]
+    choices: [collect, answer, finish, command, publish_ca, observe]
   host:
     description: Broker host name or address (a name in the broker certificate).
     type: str
@@ -151,6 +155,7 @@ options:
   wait:
     description:
       - With O(action=collect) and O(wait_for), seconds to wait for those boards' requests.
+      - With O(action=observe), seconds to listen for readings (also in check mode).
       - With O(action=answer), seconds to wait after publishing for the answered boards' confirmations
         (returned in RV(acks) and RV(failed_acks); later ones are found by the next O(action=collect)).
       - Not in check mode.
@@ -264,6 +269,18 @@ EXAMPLES = r"""
     client_key: /srv/fleet/pki/services/fleet-pki.key
     devices: "{{ renewal_devices }}"
     ca_bundle: /srv/fleet/pki/ca/bundle.pem
+
+- name: What the boards report (status and readings during one 5 s interval)
+  esp32_fleet.mqtt_fleet.fleet_renewal:
+    action: observe
+    host: broker.example.net
+    ca_cert: pki/ca/bundle.pem
+    client_cert: pki/services/fleet-pki.crt
+    client_key: pki/services/fleet-pki.key
+    devices:
+      - {id: esp32-01, root: devices/esp32-01}
+    wait: 6
+  register: observed
 """
 
 RETURN = r"""
@@ -272,6 +289,18 @@ action:
   returned: always
   type: str
   sample: collect
+reports:
+  description:
+    - Per device id, what the board itself reports. C(online) from its retained status (false for its Last
+      Will, or no status at all); C(firmware_version), C(cert_serial) (hex), C(renewal_state) as the board
+      wrote them (C(offline) when offline, C(no report) when it never published a status);
+      C(last_reading) the UTC time of the last reading seen while listening (null when none came) and
+      C(readings) how many.
+  returned: action=observe
+  type: dict
+  sample:
+    esp32-01: {online: true, firmware_version: esp32sim-0.1.0, cert_serial: 6be0b37e88d7, renewal_state: idle,
+               last_reading: "2026-12-03T06:28:18Z", readings: 1}
 requests:
   description:
     - Accepted requests, to be signed (C(csr) is the CSR in PEM). C(reason) is the board's
@@ -431,6 +460,7 @@ class Session:
         self.subacks = {}
         self.pubacks = {}
         self.messages = {}
+        self.arrivals = {}  # topic -> [UTC time of each live (not retained) message]
         self.last_retained = None
         self.client = None
 
@@ -463,6 +493,8 @@ class Session:
             self.messages[msg.topic] = bytes(msg.payload)
             if msg.retain:
                 self.last_retained = time.monotonic()
+            else:
+                self.arrivals.setdefault(msg.topic, []).append(_now().strftime("%Y-%m-%dT%H:%M:%SZ"))
             self.cond.notify_all()
 
     # -------------------------------------------------------------------------------------------------
@@ -1123,18 +1155,49 @@ def publish_ca(module, devices, session):
     return changed, result
 
 
+def observe(module, devices, session):
+    """Read only: each board's retained status and the readings it sends while we listen."""
+    p = module.params
+    targets = [i for i, d in devices.items() if not d["revoked"]]
+    reports = {}
+    if not targets:
+        return False, {"reports": reports}
+    session.open()
+    roots = {i: devices[i]["root"] for i in targets}
+    session.subscribe([f"{roots[i]}/status" for i in targets] + [f"{roots[i]}/telemetry" for i in targets])
+    session.wait_until(lambda: False, p["wait"])
+    for device_id in targets:
+        status = _parse(session.retained(f"{roots[device_id]}/status"))
+        status = status if isinstance(status, dict) else {}
+        with session.cond:
+            seen = list(session.arrivals.get(f"{roots[device_id]}/telemetry", []))
+        online = status.get("online") is True
+        reports[device_id] = {
+            "online": online,
+            "firmware_version": status.get("fw"),
+            "cert_serial": status.get("cert_serial"),
+            "renewal_state": (status.get("renewal") or "unknown")
+            if online
+            else ("offline" if status else "no report"),
+            "last_reading": seen[-1] if seen else None,
+            "readings": len(seen),
+        }
+    return False, {"reports": reports}
+
+
 ACTIONS = {
     "collect": collect,
     "answer": answer,
     "finish": finish,
     "command": command,
     "publish_ca": publish_ca,
+    "observe": observe,
 }
 
 
 def run(module):
     params = module.params
-    if params["action"] != "publish_ca" and not params["state_file"]:
+    if params["action"] not in ("publish_ca", "observe") and not params["state_file"]:
         raise RenewalError(f"action={params['action']} needs state_file")
     for name in ("timeout", "settle", "wait"):
         if params[name] < 0:
@@ -1154,7 +1217,7 @@ def main():
             "action": {
                 "type": "str",
                 "required": True,
-                "choices": ["collect", "answer", "finish", "command", "publish_ca"],
+                "choices": ["collect", "answer", "finish", "command", "publish_ca", "observe"],
             },
             "host": {"type": "str", "required": True},
             "port": {"type": "int", "default": 8883},

@@ -40,6 +40,15 @@ options:
     type: list
     elements: str
     default: []
+  reports:
+    description:
+      - What the boards reported just now, per device id (the
+        RV(esp32_fleet.mqtt_fleet.fleet_renewal#module:reports) of its
+        O(esp32_fleet.mqtt_fleet.fleet_renewal#module:action=observe)); C(renewal_state),
+        C(firmware_version) and C(last_reading) fill the device columns, before the manifest's values.
+        A board listened to that sent no reading is C(silent).
+    type: dict
+    default: {}
   state_file:
     description: The upkeep wrapper's state file (JSON C({time, rc})); missing means never run.
     type: path
@@ -257,7 +266,7 @@ def collect(p, now):
     device_dir = os.path.join(p["pki_dir"], "devices")
     on_disk = [os.path.basename(f)[: -len(".crt")] for f in glob.glob(os.path.join(device_dir, "*.crt"))]
     for device in sorted(set(p["devices"]) | set(on_disk) | {d for d in manifest if d}):
-        extra = fs.device_fields(manifest.get(device))
+        extra = fs.device_fields(manifest.get(device), p["reports"].get(device))
         path = os.path.join(device_dir, device + ".crt")
         last = manifest.get(device) or {}
         if os.path.isfile(path):
@@ -297,6 +306,7 @@ def main():
             manifest_dir=dict(type="path", required=True),
             manifest_name=dict(type="str", default="fleet"),
             devices=dict(type="list", elements="str", default=[]),
+            reports=dict(type="dict", default={}),
             state_file=dict(type="path", required=True),
             period_days=dict(type="float", default=1),
             margin_days=dict(type="float", default=1),

@@ -608,3 +608,16 @@ def test_an_nvs_field_without_a_free_page_is_erased_and_started_afresh(boards):
     fw.wait_for("published", seq=1)
     assert field(path) == {"base_fp": cert_fingerprint(pem(station))}
     assert path.read_bytes()[NVS] == nvs_before
+
+
+def test_a_long_running_board_bounds_its_memory_and_its_log(boards):
+    """The living lab runs for months: only the last events are kept, one reading in N is logged."""
+    _, path, _ = boards.provision()
+    fw = boards.boot(path, interval=0.02, keep_events=30, log_every_reading=10)
+    fw.wait_for("published", seq=60, timeout=30)
+    assert len(fw.events) <= 30
+    assert fw.events[-1]["t"] >= fw.events[0]["t"]
+    logged = [int(line.split("seq=")[1].split()[0]) for line in fw.lines if " published " in line]
+    assert logged[0] == 1 and all(seq == 1 or seq % 10 == 0 for seq in logged)
+    assert {10, 20, 30, 40, 50} <= set(logged)
+    assert any(" connected " in line for line in fw.lines)  # everything else is logged

@@ -120,6 +120,8 @@ def _free_port():
 
 ACL = f"""user {SERVICE}
 topic readwrite devices/+/pki/#
+topic read devices/+/status
+topic read devices/+/telemetry
 
 user {MONITOR}
 topic read devices/#
@@ -607,6 +609,45 @@ def test_publish_ca_is_idempotent(broker, renewal, clients, tmp_path):
     assert renewal("publish_ca", boards[:1], ca_bundle=str(bundle))["published"] == [boards[0]["id"]]
     third = renewal("publish_ca", boards, ca_bundle=str(bundle))
     assert third["published"] == [boards[1]["id"]] and third["unchanged"] == [boards[0]["id"]]
+
+
+def test_observe_reads_status_and_readings_and_changes_nothing(broker, renewal, clients):
+    live, gone, silent = new_board(broker), new_board(broker), new_board(broker)
+    revoked = dict(new_board(broker), revoked=True)
+    board = clients(broker, live["id"])
+    status = {"v": 1, "online": True, "fw": "esp32sim-0.1.0", "cert_serial": "ab12", "renewal": "pending"}
+    assert not board.publish(f"{live['root']}/status", status).is_failure
+    # A board whose Last Will is what is retained: offline.
+    clients(broker, gone["id"]).publish(f"{gone['root']}/status", {"v": 1, "online": False})
+    stop = threading.Event()
+
+    def readings():
+        while not stop.is_set():
+            board.client.publish(f"{live['root']}/telemetry", b'{"seq": 1}', qos=1)
+            stop.wait(0.3)
+
+    sender = threading.Thread(target=readings)
+    sender.start()
+    try:
+        result = renewal("observe", [live, gone, silent, revoked], wait=1.5, check_mode=True)
+    finally:
+        stop.set()
+        sender.join()
+    assert result["changed"] is False and set(result["reports"]) == {live["id"], gone["id"], silent["id"]}
+    seen = result["reports"][live["id"]]
+    assert seen["online"] and seen["firmware_version"] == "esp32sim-0.1.0" and seen["cert_serial"] == "ab12"
+    assert seen["renewal_state"] == "pending" and seen["readings"] >= 2
+    assert datetime.datetime.strptime(seen["last_reading"], "%Y-%m-%dT%H:%M:%SZ")
+    quiet = {
+        "online": False,
+        "firmware_version": None,
+        "cert_serial": None,
+        "last_reading": None,
+        "readings": 0,
+    }
+    assert result["reports"][gone["id"]] == dict(quiet, renewal_state="offline")
+    assert result["reports"][silent["id"]] == dict(quiet, renewal_state="no report")
+    assert not renewal.state.exists()  # read only: no state written
 
 
 def test_check_mode_publishes_and_writes_nothing(broker, renewal, clients, tmp_path):

@@ -53,6 +53,23 @@ def test_device_columns_come_from_the_manifest_when_recorded():
     }
 
 
+def test_device_columns_prefer_what_the_board_reported_just_now():
+    row = {"last_seen": "2026-05-31T10:00:00Z", "firmware_version": "1.2.0"}
+    report = {"renewal_state": "pending", "firmware_version": "1.3.0", "last_reading": "2026-06-01T04:00:05Z"}
+    assert fs.device_fields(row, report) == {
+        "renewal_state": "pending",
+        "last_seen": "2026-06-01T04:00:05Z",
+        "firmware_version": "1.3.0",
+    }
+    # Listened to, and no reading came: silent, whatever the manifest once recorded.
+    quiet = {"renewal_state": "offline", "firmware_version": None, "last_reading": None}
+    assert fs.device_fields(row, quiet) == {
+        "renewal_state": "offline",
+        "last_seen": "silent",
+        "firmware_version": "1.2.0",
+    }
+
+
 @pytest.mark.parametrize(
     ("state", "expected"),
     [

@@ -22,6 +22,7 @@ def params(pki, manifests, devices=()):
         manifest_dir=str(manifests),
         manifest_name="fleet",
         devices=list(devices),
+        reports={},
         period_days=1.0,
         margin_days=1.0,
         crl_renew_before_days=10.0,
