@@ -58,8 +58,20 @@ def connect_rc(port: int, ca: str, cert: str, key: str) -> str:
     return "ok" if result.get("rc") == "Success" else f"refused: {result.get('rc', 'closed')}"
 
 
+# This machine's own broker (make site's), which no test may reconfigure.
+HOST_BROKER_DIR = Path("/etc/mosquitto")
+
+
+def host_broker_conf():
+    """Every file of this machine's broker configuration, with its content."""
+    if not HOST_BROKER_DIR.is_dir():
+        return None
+    return {str(p): p.read_bytes() for p in sorted(HOST_BROKER_DIR.rglob("*")) if p.is_file()}
+
+
 def test_renew_on_request_switches_one_board_and_revokes_its_old_serial(living_fleet):
     project, broker, monitor = living_fleet, living_fleet.broker, living_fleet.monitor
+    host_conf = host_broker_conf()
     ca = str(project.pki / "ca" / "bundle.pem")
     monitor.wait_for("devices/b1/telemetry", timeout=60)
     monitor.wait_for("devices/b2/telemetry", timeout=60)
@@ -68,7 +80,9 @@ def test_renew_on_request_switches_one_board_and_revokes_its_old_serial(living_f
     b2_cert_before = (project.pki / "devices" / "b2.crt").read_text()
     b2_field_before = field_state(project, 1)
 
-    rc, out, recap = project.run_playbook("playbooks/renew.yml", "-e", "device=b1")
+    # --limit localhost: the test's broker is run by the test (living.py), not by the mosquitto role;
+    # renew.yml's broker play would otherwise configure this machine's own Mosquitto.
+    rc, out, recap = project.run_playbook("playbooks/renew.yml", "-e", "device=b1", "--limit", "localhost")
     assert rc == 0, out[-5000:]
     assert recap["localhost"]["changed"] > 0, recap
 
@@ -110,7 +124,7 @@ def test_renew_on_request_switches_one_board_and_revokes_its_old_serial(living_f
     assert "b2" not in [r["device_id"] for r in project.rows() if r["result"] == "renewed"]
 
     # Nothing pending: a rerun changes nothing.
-    rc, out, recap = project.run_playbook("playbooks/renew.yml")
+    rc, out, recap = project.run_playbook("playbooks/renew.yml", "--limit", "localhost")
     assert rc == 0, out[-3000:]
     assert recap["localhost"]["changed"] == 0, out[-3000:]
 
@@ -124,6 +138,7 @@ def test_renew_on_request_switches_one_board_and_revokes_its_old_serial(living_f
     assert serial_of((project.pki / "devices" / "b1.crt").read_text()) == new_serial
     assert (project.sim_dir / "ttyUSB0.flash").read_bytes()[0x9000:0xF000] == flash_before
     assert serial_of(current_credential(field_state(project, 0), station_state(project, 0))[0]) == new_serial
+    assert host_broker_conf() == host_conf, "the test reconfigured this machine's own Mosquitto"
 
 
 def test_only_the_service_identity_can_answer_a_board(living_fleet):
