@@ -23,9 +23,9 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_lock import exclusive_lock
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_manifest import atomic_write
 
 try:
     from cryptography import x509
@@ -503,21 +503,9 @@ def load_state(path):
 
 
 def save_state(path, state):
-    """Write the state atomically (temp file in the same directory, mode 0600 from the first byte,
-    fsync, rename)."""
-    directory = os.path.dirname(path) or "."
+    """Write the state atomically, mode 0600 (fleet_manifest.atomic_write: 0600 from the first byte)."""
     text = json.dumps(state, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, text.encode("utf-8"), 0o600)
 
 
 def lock_path(path):

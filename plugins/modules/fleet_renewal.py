@@ -655,6 +655,17 @@ def _devices(params):
     return out
 
 
+def _not_revoked(devices, skipped=None):
+    """The ids of the boards that may be published to; revoked ones are added to skipped."""
+    targets = []
+    for device_id, dev in devices.items():
+        if not dev["revoked"]:
+            targets.append(device_id)
+        elif skipped is not None:
+            skipped.append({"device_id": device_id, "reason": "revoked"})
+    return targets
+
+
 def _known(devices, ids, option):
     unknown = [i for i in ids if i not in devices]
     if unknown:
@@ -1085,12 +1096,7 @@ def command(module, devices, session):
     result = {"commanded": [], "already_open": [], "skipped": []}
     with _state_lock(module):
         state = _load_state(p["state_file"])
-        targets = []
-        for device_id, dev in devices.items():
-            if dev["revoked"]:
-                result["skipped"].append({"device_id": device_id, "reason": "revoked"})
-            else:
-                targets.append(device_id)
+        targets = _not_revoked(devices, result["skipped"])
         if not targets:
             return False, result
         session.open()
@@ -1128,12 +1134,7 @@ def publish_ca(module, devices, session):
     result = {"published": [], "unchanged": [], "skipped": []}
     bundle = _ca_bundle(p)
     want = {"v": fleet_csr.VERSION, "ca": bundle}
-    targets = []
-    for device_id, dev in devices.items():
-        if dev["revoked"]:
-            result["skipped"].append({"device_id": device_id, "reason": "revoked"})
-        else:
-            targets.append(device_id)
+    targets = _not_revoked(devices, result["skipped"])
     if not targets:
         return False, result
     session.open()
@@ -1158,7 +1159,7 @@ def publish_ca(module, devices, session):
 def observe(module, devices, session):
     """Read only: each board's retained status and the readings it sends while we listen."""
     p = module.params
-    targets = [i for i, d in devices.items() if not d["revoked"]]
+    targets = _not_revoked(devices)
     reports = {}
     if not targets:
         return False, {"reports": reports}

@@ -112,9 +112,9 @@ not_after:
 
 import datetime
 import os
-import tempfile
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_manifest import atomic_write
 
 try:
     from cryptography import x509
@@ -208,20 +208,6 @@ def facts(cert):
     }
 
 
-def write(path, data):
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pki_sign_csr.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(module):
     p = module.params
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -256,7 +242,7 @@ def run(module):
     if spki(ca_key.public_key()) != spki(ca.public_key()):
         raise SignError(f"{p['ca_key']} is not the key of {p['ca_cert']}")
     cert = build(csr, ca, ca_key, wanted, p["validity_days"], now)
-    write(p["path"], cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(p["path"], cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return True, facts(cert)
 
 
