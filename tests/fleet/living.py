@@ -55,6 +55,9 @@ class Broker:
             capture_output=True,
         )
         pki = self.project.pki
+        # As the mosquitto role deploys it: during a CA rotation the crlfile holds both CAs' CRLs.
+        crls = [pki / "ca" / "crl.pem", pki / "ca-next" / "crl.pem"]
+        (self.dir / "crl.pem").write_bytes(b"".join(c.read_bytes() for c in crls if c.is_file()))
         tls = (
             f"cafile {pki}/ca/bundle.pem\ncertfile {pki}/brokers/testbroker.chain.pem\n"
             f"keyfile {pki}/brokers/testbroker.key\ntls_version tlsv1.2\n"
@@ -64,7 +67,7 @@ class Broker:
             f"password_file {self.dir}/passwd\nacl_file {self.dir}/acl\n"
             "log_dest stderr\nlog_type all\n"
             f"listener {self.device_port} 127.0.0.1\n{tls}"
-            f"require_certificate true\ncrlfile {pki}/ca/crl.pem\n"
+            f"require_certificate true\ncrlfile {self.dir}/crl.pem\n"
             "use_identity_as_username true\nuse_username_as_clientid true\n"
             f"listener {self.monitor_port} 127.0.0.1\n{tls}"
         )
