@@ -106,6 +106,9 @@ def build_parser():
     r.add_argument("--field-size", type=lambda x: int(x, 0), default=0x6000)
     r.add_argument("--backoff-cap", type=float, default=60.0, metavar="S", help="reconnect backoff cap")
     r.add_argument("--reject-wait", type=float, default=3600.0, metavar="S", help="wait after `rejected`")
+    r.add_argument(
+        "--window-check", type=float, default=3600.0, metavar="S", help="renewal window check period"
+    )
     r.add_argument("--quiet", action="store_true", help="do not print events")
     return p
 
@@ -190,6 +193,7 @@ def cmd_run(args):
             field=field,
             backoff_cap=args.backoff_cap,
             reject_wait=args.reject_wait,
+            window_check=args.window_check,
         ).start()
         while not stop.wait(0.2) and fw.alive:
             pass

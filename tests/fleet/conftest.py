@@ -66,9 +66,10 @@ class FleetProject:
             extra = ("-e", json.dumps({"lab_esp32sim_faults": faults}), *extra)
         return self.run_playbook(DRIVER, *extra)
 
-    def run_playbook(self, playbook, *extra):
+    def run_playbook(self, playbook, *extra, env=None):
+        """env: the environment to run it in (default: this one), e.g. a moved clock."""
         cmd = [str(BIN / "ansible-playbook"), "-i", str(self.inventory), str(ROOT / playbook), *extra]
-        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+        env = dict(env or os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
         env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         recap = {m[0]: {"changed": int(m[2]), "failed": int(m[4])} for m in RECAP.findall(done.stdout)}

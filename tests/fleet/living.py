@@ -25,6 +25,19 @@ from esp32sim.nvs import parse_nvs
 from .conftest import FleetProject
 
 MONITOR_PASSWORD = "test-only-renewal-monitor"
+# The brokers group of a living fleet: the test's broker (Broker below) and its monitor user.
+TEST_BROKER = {
+    "testbroker": {
+        "mosquitto_server_names": ["localhost", "127.0.0.1"],
+        "mosquitto_users": [
+            {
+                "name": "fleet-monitor",
+                "password": MONITOR_PASSWORD,
+                "acl": [{"access": "read", "topic": "devices/#"}],
+            }
+        ],
+    }
+}
 FIELD_OFFSET, FIELD_SIZE = 0x312000, 0x6000
 STATION_OFFSET, STATION_SIZE = 0x9000, 0x6000
 
@@ -36,24 +49,27 @@ def free_port():
 
 
 class Broker:
-    def __init__(self, project: FleetProject, device_port: int, monitor_port: int):
+    def __init__(self, project: FleetProject, device_port: int, monitor_port: int, env=None):
         self.project = project
         self.device_port = device_port
         self.monitor_port = monitor_port
         self.dir = project.base / "broker"
+        self.env = env  # e.g. a moving clock (tests/fleet/test_fleet_two_years.py)
         self.proc = None
+        self.deployed = None
 
     def configure(self):
-        self.dir.mkdir(exist_ok=True)
-        rc, out, _ = self.project.run_playbook(
-            "tests/fleet/render_acl.yml", "-e", f"render_acl_dest={self.dir / 'acl'}"
-        )
-        assert rc == 0, out[-3000:]
-        subprocess.run(
-            ["mosquitto_passwd", "-c", "-b", str(self.dir / "passwd"), "fleet-monitor", MONITOR_PASSWORD],
-            check=True,
-            capture_output=True,
-        )
+        if not (self.dir / "acl").is_file():
+            self.dir.mkdir(exist_ok=True)
+            rc, out, _ = self.project.run_playbook(
+                "tests/fleet/render_acl.yml", "-e", f"render_acl_dest={self.dir / 'acl'}"
+            )
+            assert rc == 0, out[-3000:]
+            subprocess.run(
+                ["mosquitto_passwd", "-c", "-b", str(self.dir / "passwd"), "fleet-monitor", MONITOR_PASSWORD],
+                check=True,
+                capture_output=True,
+            )
         pki = self.project.pki
         # As the mosquitto role deploys it: during a CA rotation the crlfile holds both CAs' CRLs.
         crls = [pki / "ca" / "crl.pem", pki / "ca-next" / "crl.pem"]
@@ -75,9 +91,9 @@ class Broker:
     def start(self):
         self.configure()
         self.log = open(self.dir / "log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self.dir / "mosquitto.conf")], stdout=self.log, stderr=self.log
-        )
+        self.deployed = self.pki_files()
+        cmd = ["mosquitto", "-c", str(self.dir / "mosquitto.conf")]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=self.env)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
@@ -89,8 +105,37 @@ class Broker:
     def reload(self):
         """What the broker play's handler does after a CRL or ACL change: SIGHUP."""
         self.configure()
+        self.deployed = self.pki_files()
         self.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
+
+    def pki_files(self) -> dict:
+        """What the mosquitto role deploys from the controller's PKI, by the handler it notifies."""
+        pki = self.project.pki
+        crls = [pki / "ca" / "crl.pem", pki / "ca-next" / "crl.pem"]
+        brokers = pki / "brokers"
+        return {
+            "restart": (pki / "ca" / "bundle.pem").read_bytes(),
+            "reload": b"".join(
+                p.read_bytes()
+                for p in [*crls, brokers / "testbroker.chain.pem", brokers / "testbroker.key"]
+                if p.is_file()
+            ),
+        }
+
+    def sync(self) -> str:
+        """The broker play's part for this broker, after the PKI changed: restart when the trust
+        bundle changed (roles/mosquitto/tasks/tls.yml), SIGHUP when only the CRL, certificate or key
+        did. Returns what it did: "restarted", "reloaded" or ""."""
+        files = self.pki_files()
+        if files["restart"] != self.deployed["restart"]:
+            self.stop()
+            self.start()
+            return "restarted"
+        if files["reload"] != self.deployed["reload"]:
+            self.reload()
+            return "reloaded"
+        return ""
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -153,18 +198,7 @@ def living_fleet(fleet_project):
     sim = {"esp32_sim_flash": "{{ esp32_port }}.flash", "esp32_sim_firmware": True}
     project = fleet_project(
         {"b1": {"esp32_mac": "24:0a:c4:00:00:01", **sim}, "b2": {"esp32_mac": "24:0a:c4:00:00:02", **sim}},
-        brokers={
-            "testbroker": {
-                "mosquitto_server_names": ["localhost", "127.0.0.1"],
-                "mosquitto_users": [
-                    {
-                        "name": "fleet-monitor",
-                        "password": MONITOR_PASSWORD,
-                        "acl": [{"access": "read", "topic": "devices/#"}],
-                    }
-                ],
-            }
-        },
+        brokers=TEST_BROKER,
     )
     extra = {
         "lab_esp32sim_firmware": True,
