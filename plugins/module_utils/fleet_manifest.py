@@ -45,6 +45,9 @@ FIELDS = (
     "firmware",
     "esptool_version",
     "config_sha256",
+    # SHA-256 of the trust bundle the station wrote into the board's nvs (mqtt/ca_cert): with it the
+    # upkeep knows the board needs no retained bundle on R/pki/ca (fleet_renewal action=publish_ca).
+    "ca_sha256",
     "seconds",
     "result",
     "reason",

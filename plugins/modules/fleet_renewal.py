@@ -38,7 +38,9 @@ description:
     in O(devices) that has none open; an open command whose retained message is missing is published
     again with its nonce. A rerun changes nothing.
   - O(action=publish_ca) makes every board's retained C(R/pki/ca) carry O(ca_bundle); only boards whose
-    retained bundle differs are published to.
+    retained bundle differs are published to. A board with no retained bundle whose station wrote this
+    bundle into its flash (O(devices[].ca_sha256)) has it already and is not published to either, so
+    upkeep after a fresh provisioning changes nothing.
   - O(action=observe) only reads (also in check mode) each board's retained C(R/status) (its firmware
     version, certificate serial, renewal state, online or its Last Will) and the readings it sends on
     C(R/telemetry) during O(wait) seconds (give it one reading interval). The service identity may read
@@ -121,6 +123,12 @@ options:
         description: Whether the board's current certificate is on the CRL.
         type: bool
         default: false
+      ca_sha256:
+        description:
+          - SHA-256 (hex) of the trust bundle the board's station wrote into its flash (the fleet
+            manifest's C(ca_sha256)); empty when unknown.
+        type: str
+        default: ""
   policy:
     description: The pki role's leaf key policy and the renewal rate limit (O(action=collect)).
     type: dict
@@ -397,6 +405,7 @@ unchanged:
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import secrets
@@ -1140,9 +1149,13 @@ def publish_ca(module, devices, session):
     session.open()
     session.subscribe([topic(devices[i], "ca") for i in targets])
     changed = False
+    # The station wrote the bundle file's text into NVS (mqtt/ca_cert): the same bytes hash the same.
+    bundle_sha256 = hashlib.sha256(bundle.encode("utf-8")).hexdigest()
     for device_id in targets:
         where = topic(devices[device_id], "ca")
-        if _parse(session.retained(where)) == want:
+        retained = session.retained(where)
+        from_station = not retained and devices[device_id].get("ca_sha256") == bundle_sha256
+        if from_station or _parse(retained) == want:
             result["unchanged"].append(device_id)
             continue
         if not module.check_mode:
@@ -1238,6 +1251,7 @@ def main():
                     "root": {"type": "str", "required": True},
                     "cert": {"type": "path"},
                     "revoked": {"type": "bool", "default": False},
+                    "ca_sha256": {"type": "str", "default": ""},
                 },
             },
             "policy": {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -609,6 +610,25 @@ def test_publish_ca_is_idempotent(broker, renewal, clients, tmp_path):
     assert renewal("publish_ca", boards[:1], ca_bundle=str(bundle))["published"] == [boards[0]["id"]]
     third = renewal("publish_ca", boards, ca_bundle=str(bundle))
     assert third["published"] == [boards[1]["id"]] and third["unchanged"] == [boards[0]["id"]]
+
+
+def test_publish_ca_leaves_a_board_whose_station_wrote_the_bundle(broker, renewal, clients, tmp_path):
+    """Regression: after a fresh provisioning no board had a retained bundle, so the first upkeep
+    (and upkeep --check) published the very bundle every board had just been flashed with."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(broker["pki"].ca.read_bytes())
+    fresh = dict(new_board(broker), ca_sha256=hashlib.sha256(bundle.read_bytes()).hexdigest())
+    older = dict(new_board(broker), ca_sha256=hashlib.sha256(b"an earlier bundle").hexdigest())
+    unknown = new_board(broker)  # provisioned before the manifest recorded the bundle
+    check = renewal("publish_ca", [fresh, older, unknown], ca_bundle=str(bundle), check_mode=True)
+    assert check["published"] == [older["id"], unknown["id"]], check
+    result = renewal("publish_ca", [fresh, older, unknown], ca_bundle=str(bundle))
+    assert result["unchanged"] == [fresh["id"]] and result["published"] == [older["id"], unknown["id"]]
+    assert retained(broker, f"{fresh['root']}/pki/ca") == b""
+    # A rotation's two-CA bundle is not the station's: every board gets it.
+    bundle.write_text(broker["pki"].ca.read_text() + Pki(tmp_path, "next CA").ca.read_text())
+    rotation = renewal("publish_ca", [fresh, older, unknown], ca_bundle=str(bundle))
+    assert rotation["published"] == [fresh["id"], older["id"], unknown["id"]], rotation
 
 
 def test_observe_reads_status_and_readings_and_changes_nothing(broker, renewal, clients):
