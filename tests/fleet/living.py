@@ -103,7 +103,8 @@ class Broker:
         raise AssertionError("mosquitto did not start: " + (self.dir / "log").read_text())
 
     def reload(self):
-        """What the broker play's handler does after a CRL or ACL change: SIGHUP."""
+        """What the broker play's handler does after a CRL or certificate change: SIGHUP. (The ACL is
+        rendered once: tests/fleet/render_acl.yml revokes no board, so it never changes.)"""
         self.configure()
         self.deployed = self.pki_files()
         self.proc.send_signal(signal.SIGHUP)
