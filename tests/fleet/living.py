@@ -42,6 +42,20 @@ FIELD_OFFSET, FIELD_SIZE = 0x312000, 0x6000
 STATION_OFFSET, STATION_SIZE = 0x9000, 0x6000
 
 
+def crl_paths(pki) -> list:
+    """Every CA's CRL on the controller: the CA's, and the new CA's during a rotation."""
+    return [crl for crl in (pki / "ca" / "crl.pem", pki / "ca-next" / "crl.pem") if crl.is_file()]
+
+
+def current_credential(state_field: dict, station: dict) -> tuple[str, str]:
+    """The certificate and key a board connects with: the station's (slot 0) or a field slot."""
+    slot = int(state_field.get("cred_slot", 0) or 0)
+    if slot == 0:
+        return station["client_cert"], station["client_key"]
+    name = "ab"[slot - 1]
+    return state_field[f"{name}_cert"], state_field[f"{name}_key"]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,8 +86,7 @@ class Broker:
             )
         pki = self.project.pki
         # As the mosquitto role deploys it: during a CA rotation the crlfile holds both CAs' CRLs.
-        crls = [pki / "ca" / "crl.pem", pki / "ca-next" / "crl.pem"]
-        (self.dir / "crl.pem").write_bytes(b"".join(c.read_bytes() for c in crls if c.is_file()))
+        (self.dir / "crl.pem").write_bytes(b"".join(c.read_bytes() for c in crl_paths(pki)))
         tls = (
             f"cafile {pki}/ca/bundle.pem\ncertfile {pki}/brokers/testbroker.chain.pem\n"
             f"keyfile {pki}/brokers/testbroker.key\ntls_version tlsv1.2\n"
@@ -113,14 +126,12 @@ class Broker:
     def pki_files(self) -> dict:
         """What the mosquitto role deploys from the controller's PKI, by the handler it notifies."""
         pki = self.project.pki
-        crls = [pki / "ca" / "crl.pem", pki / "ca-next" / "crl.pem"]
         brokers = pki / "brokers"
         return {
             "restart": (pki / "ca" / "bundle.pem").read_bytes(),
             "reload": b"".join(
                 p.read_bytes()
-                for p in [*crls, brokers / "testbroker.chain.pem", brokers / "testbroker.key"]
-                if p.is_file()
+                for p in [*crl_paths(pki), brokers / "testbroker.chain.pem", brokers / "testbroker.key"]
             ),
         }
 

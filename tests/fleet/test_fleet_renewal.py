@@ -17,19 +17,11 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .living import MONITOR_PASSWORD, field_state, station_state
+from .living import MONITOR_PASSWORD, current_credential, field_state, station_state
 
 
 def serial_of(pem: str) -> int:
     return x509.load_pem_x509_certificate(pem.encode()).serial_number
-
-
-def current_credential(state_field: dict, station: dict) -> tuple[str, str]:
-    slot = int(state_field.get("cred_slot", 0) or 0)
-    if slot == 0:
-        return station["client_cert"], station["client_key"]
-    name = "ab"[slot - 1]
-    return state_field[f"{name}_cert"], state_field[f"{name}_key"]
 
 
 def connect_rc(port: int, ca: str, cert: str, key: str) -> str:

@@ -39,7 +39,16 @@ import yaml
 from cryptography import x509
 
 from .conftest import BIN, ROOT
-from .living import MONITOR_PASSWORD, TEST_BROKER, Broker, field_state, free_port, station_state
+from .living import (
+    MONITOR_PASSWORD,
+    TEST_BROKER,
+    Broker,
+    crl_paths,
+    current_credential,
+    field_state,
+    free_port,
+    station_state,
+)
 
 SLEEP_FIX = Path(__file__).with_name("faketime_sleep")
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
@@ -54,21 +63,13 @@ def cert(pem: str | bytes) -> x509.Certificate:
 
 
 def in_use(project, index: int) -> x509.Certificate:
-    """The certificate the board connects with: the station's (slot 0) or a field slot."""
-    field = field_state(project, index)
-    slot = int(field.get("cred_slot", 0) or 0)
-    pem = station_state(project, index)["client_cert"] if slot == 0 else field["ab"[slot - 1] + "_cert"]
-    return cert(pem)
+    """The certificate the board connects with."""
+    return cert(current_credential(field_state(project, index), station_state(project, index))[0])
 
 
 def crls_signed(pki: Path) -> dict[str, datetime.datetime]:
     """When each CA's CRL was last signed (both during a rotation)."""
-    found = {}
-    for ca in ("ca", "ca-next"):
-        path = pki / ca / "crl.pem"
-        if path.is_file():
-            found[ca] = x509.load_pem_x509_crl(path.read_bytes()).last_update_utc
-    return found
+    return {p.parent.name: x509.load_pem_x509_crl(p.read_bytes()).last_update_utc for p in crl_paths(pki)}
 
 
 class Clock:
