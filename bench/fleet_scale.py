@@ -402,11 +402,15 @@ def main():
                 )
         prov_rows = []
         if not args.skip_provision:
-            print("provision (playbooks/fleet.yml, forks = boards; rerun must report changed=0):")
             print(
-                f"{'boards':>6} {'baud':>7} {'first s':>8} {'cpu s':>7} {'boards/min':>10} {'rerun s':>8} "
-                f"{'cpu s':>7} {'changed':>7}"
+                "provision (playbooks/fleet.yml, forks = boards; rerun must report changed=0;"
+                " x flash = first run / the flash wall time of the same boards and baud above):"
             )
+            print(
+                f"{'boards':>6} {'baud':>7} {'first s':>8} {'x flash':>7} {'cpu s':>7} {'cpu/board':>9} "
+                f"{'boards/min':>10} {'rerun s':>8} {'cpu s':>7} {'changed':>7}"
+            )
+            flash_wall = {(r["boards"], r["baud"]): r["wall_s"] for r in flash_rows if r.get("wall_s")}
             # One CA for every run: issuing it is the pki bench's business (converge.py), not this one.
             seed = tmp / "seed"
             make_project(seed, 1, bauds[0], app)
@@ -422,8 +426,14 @@ def main():
                             f" {row.get('tail', '')[-600:]}"
                         )
                         continue
+                    flash_s = flash_wall.get((count, baud))
+                    ratio = row["first_s"] / flash_s if flash_s else None
+                    row["first_vs_flash"] = round(ratio, 2) if ratio else None
+                    row["first_cpu_per_board_s"] = round(row["first_cpu_s"] / count, 2)
                     print(
-                        f"{count:6d} {baud:7d} {row['first_s']:8.2f} {row['first_cpu_s']:7.1f} "
+                        f"{count:6d} {baud:7d} {row['first_s']:8.2f} {ratio or 0:7.1f} "
+                        f"{row['first_cpu_s']:7.1f} "
+                        f"{row['first_cpu_per_board_s']:9.2f} "
                         f"{row['boards_per_min']:10.1f} {row['rerun_s'] or 0:8.2f} "
                         f"{row['rerun_cpu_s'] or 0:7.1f} "
                         f"{row['rerun_changed']!s:>7}",

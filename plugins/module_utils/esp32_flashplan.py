@@ -227,6 +227,7 @@ def flash_images(session, params, images, check_mode, reports):
         changed=changed,
         mac=board["mac"],
         chip=board["chip"],
+        description=board["description"],
         flash_size=board["flash_size"],
         diff=dict(
             before_header=f"board {board['mac']}",

@@ -178,6 +178,11 @@ chip:
   returned: when the board answered
   type: str
   sample: ESP32
+description:
+  description: The chip as esptool describes it (model and revision).
+  returned: when the board answered
+  type: str
+  sample: ESP32-D0WD-V3 (revision v3.1)
 flash_size:
   description: Flash size in bytes, or null when esptool cannot decode the flash id.
   returned: when the board answered

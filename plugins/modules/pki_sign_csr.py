@@ -115,11 +115,18 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_manifest import atomic_write
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.pki_device import (
+    build,
+    facts,
+    in_profile,
+    spki,
+    subject,
+)
 
 try:
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
 
     HAS_CRYPTOGRAPHY = True
 except ImportError:  # pragma: no cover - reported through the module
@@ -143,69 +150,12 @@ def load_csr(pem, common_name):
     return csr
 
 
-def subject(common_name, organization):
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-        ]
-    )
-
-
-def spki(key):
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def profile_ok(cert, csr, ca, wanted_subject, now):
     """True when cert is this request's certificate in the device profile, from this CA, and fresh."""
-    if spki(cert.public_key()) != spki(csr.public_key()) or cert.subject != wanted_subject:
-        return False
-    if cert.issuer != ca.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, x509.InvalidSignature):
-        return False
-    ext = {e.oid: e for e in cert.extensions}
-    bc = ext.get(x509.oid.ExtensionOID.BASIC_CONSTRAINTS)
-    ku = ext.get(x509.oid.ExtensionOID.KEY_USAGE)
-    eku = ext.get(x509.oid.ExtensionOID.EXTENDED_KEY_USAGE)
-    if not (bc and bc.critical and not bc.value.ca and ku and ku.critical and ku.value.digital_signature):
-        return False
-    if not eku or list(eku.value) != [ExtendedKeyUsageOID.CLIENT_AUTH]:
+    if not in_profile(cert, csr.public_key(), ca, wanted_subject):
         return False
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     return now < cert.not_valid_before_utc + lifetime / 2
-
-
-def build(csr, ca, ca_key, wanted_subject, days, now):
-    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(wanted_subject)
-        .issuer_name(ca.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-    )
-    return builder.sign(ca_key, hashes.SHA256())
-
-
-def facts(cert):
-    return {
-        "serial_number": cert.serial_number,
-        "serial_hex": f"{cert.serial_number:x}",
-        "sha256_fingerprint": ":".join(f"{b:02x}" for b in cert.fingerprint(hashes.SHA256())),
-        "not_after": cert.not_valid_after_utc.strftime("%Y%m%d%H%M%SZ"),
-    }
 
 
 def run(module):
@@ -241,7 +191,7 @@ def run(module):
         raise SignError(f"cannot read the CA key {p['ca_key']} with the given passphrase") from None
     if spki(ca_key.public_key()) != spki(ca.public_key()):
         raise SignError(f"{p['ca_key']} is not the key of {p['ca_cert']}")
-    cert = build(csr, ca, ca_key, wanted, p["validity_days"], now)
+    cert = build(csr.public_key(), ca, ca_key, wanted, p["validity_days"], now)
     atomic_write(p["path"], cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return True, facts(cert)
 

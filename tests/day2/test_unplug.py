@@ -29,7 +29,7 @@ def test_a_board_unplugged_mid_write_fails_alone_and_a_rerun_after_replug_comple
     # The port is gone, as with a pulled adapter; the key stays on the controller for the retry.
     assert not (project.sim_dir / "ttyUSB1").exists()
     assert (project.pki / "devices" / "b2.key").exists()
-    assert list((project.base / "manifests" / ".work").iterdir()) == []
+    assert not list(project.base.rglob("*.nvs.bin"))
 
     # Rerun with the same lab: `esp32sim fleet start` (playbooks/lab.yml) replugs board 2.
     rc, out, recap = project.run(faults=faults)

@@ -1,6 +1,9 @@
 """End to end through playbooks/lab.yml and playbooks/fleet.yml against simulated boards: failure
 isolation, rerun, idempotence (changed=0), key removal, MAC pinning and chip refusal."""
 
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 MACS = ["24:0a:c4:00:00:01", "24:0a:c4:00:00:02", "24:0a:c4:00:00:03"]
 
 
@@ -20,8 +23,9 @@ def test_a_faulted_board_fails_alone_and_a_rerun_fixes_it(fleet_project):
     assert not (project.pki / "devices" / "b1.key").exists()
     assert not (project.pki / "devices" / "b3.key").exists()
     assert (project.pki / "devices" / "b2.key").exists()
-    # No NVS image (it holds the key) is left behind.
-    assert list((project.base / "manifests" / ".work").iterdir()) == []
+    # No NVS image (it holds the key) was ever written to a file: it is built in memory.
+    assert not list(project.base.rglob("*.nvs.bin"))
+    assert not (project.base / "manifests" / ".work").exists()
 
     # Run 2: the fault is gone (a board swapped for a good one); only board 2 is redone.
     project.stop_lab()
@@ -202,3 +206,36 @@ def test_images_of_one_board_are_checked_against_each_other_by_their_end(fleet_p
     assert f"b1: {app} (0x10001 bytes at 0x10000, sectors 0x10000-0x20fff) overlaps {data}" in out, out
     assert project.nvs_region(0) == b"\xff" * 0x6000
     assert not (project.pki / "devices" / "b1.crt").exists()
+
+
+def test_a_topic_prefix_only_the_play_sees_is_refused_before_anything_is_issued(fleet_project, tmp_path):
+    """The broker's ACL reads the prefix from the inventory: a role parameter would put a topic root
+    into NVS that the broker never grants, so the board task refuses the board first."""
+    project = fleet_project({"b1": {"esp32_mac": MACS[0]}})
+    playbook = tmp_path / "prefix-in-play.yml"
+    playbook.write_text(
+        f"""---
+- name: Create the CA
+  hosts: controller
+  gather_facts: false
+  roles:
+    - role: esp32_fleet.mqtt_fleet.pki
+      vars:
+        pki_issue_device_certs: false
+- name: Start the lab
+  ansible.builtin.import_playbook: {ROOT}/playbooks/lab.yml
+- name: Provision with a prefix set where only this play sees it
+  hosts: esp32_devices
+  gather_facts: false
+  roles:
+    - role: esp32_fleet.mqtt_fleet.esp32_provision
+      vars:
+        esp32_provision_topic_prefix: elsewhere
+"""
+    )
+    _, out, _ = project.run_playbook(playbook)
+    assert "b1 FAILED (esp32_provision_topic_prefix gives the topic root elsewhere/b1" in out, out[-3000:]
+    assert "would grant devices/b1/#" in out
+    assert not (project.pki / "devices" / "b1.crt").exists()
+    assert not (project.pki / "devices" / "b1.key").exists()
+    assert project.nvs_region(0) == b"\xff" * 0x6000

@@ -74,7 +74,7 @@ def test_the_manifest_does_not_give_the_wifi_password_away_and_upgrading_reflash
     project = fleet_project({"b1": {"esp32_mac": MACS[0]}})
     rc, out, _ = project.run(*SETTINGS_VARS, "-vvv")
     assert rc == 0, out
-    assert "esp32_nvs" in out  # the verbose output covers the task that gets the password
+    assert "esp32_flash.py" in out  # the verbose output covers the module that gets the NVS image
     assert PASSWORD not in out
 
     # The attack works on a value of the old kind (so it is a real test) but not on the manifest.
