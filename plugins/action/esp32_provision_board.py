@@ -287,10 +287,7 @@ class ActionModule(ActionBase):
         self._row.update(mac=board["mac"].lower(), chip=board.get("description") or board.get("chip", ""))
         pin = args["mac"].lower()
         if pin and board["mac"].lower() != pin:
-            raise _Failure(
-                f"MAC mismatch: {args['port']} on {args['station']} answers with {board['mac']}, the "
-                f"inventory pins {pin} (wrong board on this port?)"
-            )
+            raise self._mac_mismatch(board["mac"], pin)
         if board.get("chip", "").lower().replace("-", "") != args["chip"].lower():
             raise _Failure(
                 f"Chip mismatch: {args['port']} holds {board.get('description') or board.get('chip')}, "
@@ -426,11 +423,7 @@ class ActionModule(ActionBase):
             if allow_missing_port and res.get("kind") == "port_missing" and "://" not in args["port"]:
                 return None
             if res.get("kind") == "mac_mismatch" and res.get("mac"):
-                raise _Failure(
-                    f"MAC mismatch: {args['port']} on {args['station']} answers with {res['mac']}, the "
-                    f"inventory pins {self._row['mac']} (wrong board on this port?)",
-                    kind="mac_mismatch",
-                )
+                raise self._mac_mismatch(res["mac"], self._row["mac"])
             details = {k: res[k] for k in ("kind", "log", "images") if k in res}
             # An image whose write started may be partly on the board (a pulled cable mid-write).
             details["touched"] = any(
@@ -439,6 +432,14 @@ class ActionModule(ActionBase):
             self._changed |= bool(res.get("changed"))
             raise _Failure(f"{_STEP[module]}: {res.get('msg', 'failed')}", **details)
         return res
+
+    def _mac_mismatch(self, seen, expected):
+        args = self._args
+        return _Failure(
+            f"MAC mismatch: {args['port']} on {args['station']} answers with {seen}, the inventory "
+            f"pins {expected} (wrong board on this port?)",
+            kind="mac_mismatch",
+        )
 
     def _finish_row(self, result):
         row = dict(self._row)

@@ -265,10 +265,3 @@ def issue(device_id, profile, passphrase, now=None):
     ca_key = _load_signer_key(profile, passphrase, ca)
     cert = build(key.public_key(), ca, ca_key, wanted, int(profile["validity_days"]), now)
     return Credentials(key, cert, key_is_new, True, key_path, cert_path)
-
-
-def ensure(device_id, profile, passphrase, now=None):
-    """issue() and persist() with the key kept: returns (changed, facts, key_path, cert_path)."""
-    creds = issue(device_id, profile, passphrase, now)
-    creds.persist(profile, keep_key=True)
-    return creds.changed, creds.facts(), creds.key_path, creds.cert_path

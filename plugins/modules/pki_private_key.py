@@ -124,32 +124,20 @@ reason:
 """
 
 import os
-import tempfile
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.pki_device import (
+    describe,
+    generate,
+    write_key,
+)
 
 try:
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     HAS_CRYPTOGRAPHY = True
 except ImportError:  # pragma: no cover - reported through the module
     HAS_CRYPTOGRAPHY = False
-
-
-def curve(name):
-    """The curve object of a curve name: direct attribute access (not ec.__dict__, which cryptography
-    >= 46.0.5 wraps in a proxy), looked up only when a key is made (cryptography may be missing)."""
-    return {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1, "secp521r1": ec.SECP521R1}[name]()
-
-
-def describe(key):
-    """Return (type, curve, size) of a loaded private key."""
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return "EC", key.curve.name, key.curve.key_size
-    if isinstance(key, rsa.RSAPrivateKey):
-        return "RSA", None, key.key_size
-    return type(key).__name__, None, getattr(key, "key_size", None)
 
 
 def public_pem(key):
@@ -187,35 +175,6 @@ def load_existing(path, passphrase):
     if passphrase is not None and not encrypted:
         return None, "the existing key is not encrypted but a passphrase is wanted"
     return key, None
-
-
-def generate(params):
-    if params["type"] == "EC":
-        return ec.generate_private_key(curve(params["curve"]))
-    return rsa.generate_private_key(public_exponent=65537, key_size=params["size"])
-
-
-def write_key(key, path, passphrase):
-    encryption = (
-        serialization.BestAvailableEncryption(passphrase.encode())
-        if passphrase is not None
-        else serialization.NoEncryption()
-    )
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    directory = os.path.dirname(path) or "."
-    # mkstemp creates the file 0600 and os.replace keeps that mode: the key is never readable by
-    # others, not even briefly. Not module.atomic_move: it chmods a new file to 0666 & ~umask (and
-    # gives a replacement the old file's mode) before the file attributes bring it back to 0600.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pki_private_key.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main():
@@ -271,7 +230,7 @@ def main():
 
     changed = reason is not None
     if changed and not module.check_mode:
-        key = generate(params)
+        key = generate(params["type"], params["curve"], params["size"])
         write_key(key, path, passphrase)
 
     result = {"changed": changed, "reason": reason}

@@ -103,6 +103,13 @@ def _ca(tmp_path, name):
     return directory
 
 
+def ensure(device_id, profile, passphrase, now):
+    """Issue and record with the key kept: (changed, facts, key_path, cert_path)."""
+    creds = pki_device.issue(device_id, profile, passphrase, now)
+    creds.persist(profile, keep_key=True)
+    return creds.changed, creds.facts(), creds.key_path, creds.cert_path
+
+
 @pytest.fixture
 def profile(tmp_path):
     ca = _ca(tmp_path, "ca")
@@ -131,7 +138,7 @@ def test_a_new_device_gets_a_0600_key_and_a_certificate_in_the_device_profile(pr
         return fd, path
 
     monkeypatch.setattr(pki_device.tempfile, "mkstemp", watching_mkstemp)
-    changed, facts, key_path, cert_path = pki_device.ensure("b1", profile, "test-only-pass", now=NOW)
+    changed, facts, key_path, cert_path = ensure("b1", profile, "test-only-pass", now=NOW)
     assert changed and seen[0] == 0o600  # the key (the certificate follows, 0644 after its rename)
     assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(profile["devices_dir"]).st_mode) == 0o700
@@ -149,29 +156,29 @@ def test_a_new_device_gets_a_0600_key_and_a_certificate_in_the_device_profile(pr
 
 
 def test_a_current_certificate_and_its_key_are_kept(profile):
-    _, first, key_path, _ = pki_device.ensure("b1", profile, "test-only-pass", now=NOW)
+    _, first, key_path, _ = ensure("b1", profile, "test-only-pass", now=NOW)
     key_before = Path(key_path).read_bytes()
-    changed, again, _, _ = pki_device.ensure("b1", profile, "wrong passphrase is never read", now=NOW)
+    changed, again, _, _ = ensure("b1", profile, "wrong passphrase is never read", now=NOW)
     assert not changed and again == first and Path(key_path).read_bytes() == key_before
 
 
 def test_a_removed_key_gets_a_new_key_and_certificate(profile):
-    _, first, key_path, _ = pki_device.ensure("b1", profile, "test-only-pass", now=NOW)
+    _, first, key_path, _ = ensure("b1", profile, "test-only-pass", now=NOW)
     os.unlink(key_path)  # what a verified flash does with esp32_provision_keep_device_keys false
-    changed, second, _, _ = pki_device.ensure("b1", profile, "test-only-pass", now=NOW)
+    changed, second, _, _ = ensure("b1", profile, "test-only-pass", now=NOW)
     assert changed and second["serial_number"] != first["serial_number"]
 
 
 def test_the_renewal_window_and_a_new_signing_ca_reissue_for_the_same_key(profile, tmp_path):
-    _, first, key_path, cert_path = pki_device.ensure("b1", profile, "test-only-pass", now=NOW)
+    _, first, key_path, cert_path = ensure("b1", profile, "test-only-pass", now=NOW)
     key_before = Path(key_path).read_bytes()
     later = NOW + datetime.timedelta(days=340)  # 25 days before expiry: inside the 30-day window
-    changed, renewed, _, _ = pki_device.ensure("b1", profile, "test-only-pass", now=later)
+    changed, renewed, _, _ = ensure("b1", profile, "test-only-pass", now=later)
     assert changed and renewed["serial_number"] != first["serial_number"]
     assert Path(key_path).read_bytes() == key_before
     new_ca = _ca(tmp_path, "ca-next")
     rotated = dict(profile, signer_cert=str(new_ca / "ca.crt"), signer_key=str(new_ca / "ca.key"))
-    changed, moved, _, _ = pki_device.ensure("b1", rotated, "test-only-pass", now=later)
+    changed, moved, _, _ = ensure("b1", rotated, "test-only-pass", now=later)
     assert changed and moved["serial_number"] != renewed["serial_number"]
     issuer = x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).issuer.rfc4514_string()
     assert issuer == "CN=ca-next"
@@ -179,5 +186,5 @@ def test_the_renewal_window_and_a_new_signing_ca_reissue_for_the_same_key(profil
 
 def test_a_wrong_passphrase_fails_cleanly_and_leaves_no_certificate(profile):
     with pytest.raises(pki_device.DeviceCertError, match="with the given passphrase"):
-        pki_device.ensure("b1", profile, "not the passphrase", now=NOW)
+        ensure("b1", profile, "not the passphrase", now=NOW)
     assert not os.path.exists(os.path.join(profile["devices_dir"], "b1.crt"))
