@@ -1,4 +1,4 @@
-"""Command line: `esp32sim serve | fleet start|stop|status | boot | run`."""
+"""Command line: `esp32sim serve | fleet start|stop|status | boot | run | image app|bootloader`."""
 
 import argparse
 import signal
@@ -69,7 +69,8 @@ def build_parser():
         nargs="+",
         default=[],
         metavar="I:KIND[=VALUE]",
-        help="fault for board I",
+        help="fault for board I: a --fault of `serve`, or (with --firmware) ota-power-loss=N: cut the"
+        " power once after N bytes of an OTA download",
     )
     fs.add_argument(
         "--firmware",
@@ -110,7 +111,58 @@ def build_parser():
         "--window-check", type=float, default=3600.0, metavar="S", help="renewal window check period"
     )
     r.add_argument("--quiet", action="store_true", help="do not print events")
+
+    im = sub.add_parser("image", help="build ESP32 images (the simulator's SDK)")
+    isub = im.add_subparsers(dest="image_command", required=True)
+    ia = isub.add_parser("app", help="an app image with an esp_app_desc_t (esptool image-info reads it)")
+    ia.add_argument("--project", required=True, help="esp_app_desc_t.project_name (at most 31 bytes)")
+    ia.add_argument("--version", required=True, help="esp_app_desc_t.version (at most 31 bytes)")
+    ia.add_argument("--out", required=True, metavar="FILE")
+    ia.add_argument(
+        "--selfcheck-fail",
+        action="store_true",
+        help="add the esp32sim:selfcheck=fail marker: the twin's self-check of this image fails",
+    )
+    ia.add_argument("--size", type=lambda x: int(x, 0), metavar="N", help="pad the file to N bytes")
+    ia.add_argument("--extra", default="", metavar="TEXT", help="text to put into the image's rodata")
+    ia.add_argument(
+        "--chip-id", type=lambda x: int(x, 0), default=0, metavar="N", help="header chip id (0 = ESP32)"
+    )
+    ib = isub.add_parser("bootloader", help="a second-stage bootloader image for 0x1000")
+    ib.add_argument("--out", required=True, metavar="FILE")
     return p
+
+
+def cmd_image(args):
+    import hashlib
+
+    from . import appimage
+
+    try:
+        if args.image_command == "app":
+            data = appimage.build_app_image(
+                args.project,
+                args.version,
+                extra=args.extra.encode(),
+                size=args.size,
+                selfcheck_fail=args.selfcheck_fail,
+                chip_id=args.chip_id,
+            )
+            what = f"app {args.project} {args.version}"
+        else:
+            data = appimage.build_bootloader_image()
+            what = "bootloader"
+    except ValueError as e:
+        print(f"esp32sim image: {e}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.out, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        print(f"esp32sim image: cannot write {args.out}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(f"esp32sim image: {args.out}: {what}, {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}")
+    return 0
 
 
 def _log_to_stderr(prefix):
@@ -217,6 +269,8 @@ def main(argv=None):
         return boot.main(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "image":
+        return cmd_image(args)
     return 2
 
 

@@ -12,17 +12,31 @@ as an ESP-IDF application (esp-mqtt + mbedTLS + nvs_flash) written to that docum
   retained on R/status; R/status retained on every connect; a reading on R/telemetry (QoS 1)
   every `interval` seconds while connected;
 * reconnect with exponential backoff and full jitter (section 6);
-* certificate renewal (section 4) and trust bundle updates (section 5).
+* certificate renewal (section 4) and trust bundle updates (section 5);
+* firmware updates over the air (section 7): the bootloader model of esp32sim/ota.py picks and
+  checks the app at every boot (ESP-IDF's bootloader with CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE),
+  the running version and project come from that image's esp_app_desc_t, jobs on R/ota/job are
+  downloaded over HTTPS (esp_https_ota: client certificate, server checked against the trust
+  bundle and the URL's host) into the other slot, checked, made the boot partition, and the board
+  restarts; a new app marks itself valid once its self-check (a CONNACK within 30 s) passes.
+
+Identity: the version (R/status "fw") and project of the app the bootloader loaded. Only when no
+slot holds a valid app, or there is no partition table (the legacy layout), does the twin run its
+built-in identity, FW_VERSION and BUILTIN_PROJECT, as it always did. The twin cannot execute an
+image: one whose data holds appimage.SELFCHECK_FAIL_MARKER models an app whose self-check fails.
 
 `Firmware(flash, ...)` runs in a thread: start(), halt() (a reset: the thread stops touching the
 flash at once and drops the connection without DISCONNECT, so the broker publishes the Will),
-stop() (halt + join). Every event goes to `log(line)` as one line, "<UTC ISO time> <event> k=v...",
-and to `events` (dicts with "event", "t" (time.time()), "mono" (time.monotonic()) and the fields).
+stop() (halt + join). A restart the firmware makes itself (after an update, a failed self-check,
+the ota-power-loss fault) drops the connection the same way and boots again in the same thread.
+Every event goes to `log(line)` as one line, "<UTC ISO time> <event> k=v...", and to `events`
+(dicts with "event", "t" (time.time()), "mono" (time.monotonic()) and the fields).
 """
 
 import contextlib
 import datetime
 import hashlib
+import http.client
 import json
 import re
 import secrets
@@ -41,11 +55,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from . import __version__
+from . import __version__, appimage, ota
 from .boot import BootError, Sensor, _tls_context, config_from_image, reading
 from .nvs import PAGE_SIZE, NvsError, NvsWriteError, NvsWriter
 
 FW_VERSION = f"esp32sim-{__version__}"
+BUILTIN_PROJECT = "esp32sim"  # project_name of the built-in identity (no valid app in any slot)
+SELFCHECK_TIMEOUT = 30.0
+OTA_CHUNK = 4096  # bytes per read and per esp_ota_write, as esp_https_ota's buffer
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PARTITION_TABLE = 0x8000
 PARTITION_TABLE_SIZE = 0xC00
 DEFAULT_NVS = (0x9000, 0x6000)
@@ -111,6 +129,32 @@ class _Reset(Exception):  # not an error: the board was reset or lost power
 
 class _ConnectFailed(Exception):
     pass
+
+
+class _Restart(Exception):  # esp_restart(): the firmware resets the board itself
+    pass
+
+
+class _PowerLoss(Exception):  # the ota-power-loss fault: the power goes, and comes back
+    pass
+
+
+class _OtaFailed(Exception):
+    pass
+
+
+def parse_ota_fault(spec: str) -> int:
+    """`ota-power-loss=N`: the byte count of a download after which the power is cut (once)."""
+    kind, _, value = spec.partition("=")
+    if kind != "ota-power-loss":
+        raise ValueError(f"not a firmware fault: {spec!r}")
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise ValueError(f"fault ota-power-loss needs a byte count, got {value!r}") from None
+    if n < 0:
+        raise ValueError("fault ota-power-loss must be >= 0")
+    return n
 
 
 class _Refused(Exception):  # a certificate or bundle that does not pass the checks
@@ -265,6 +309,7 @@ class _Conn:
         self.acks = {}  # mid -> PUBACK reason code
         self.telemetry = {}  # mid -> seq (mids are per client, so per connection)
         self.ack_mids = {}  # mid -> the R/pki/ack payload it carried
+        self.report_mids = {}  # mid -> the R/ota/report payload it carried
         ctx = _tls_context({"ca_cert": bundle, **cred.tls_fields()})
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=fw.device_id, protocol=mqtt.MQTTv5)
         c.tls_set_context(ctx)
@@ -352,6 +397,10 @@ class Firmware:
     published again and the window is checked.
     keep_events: keep only about this many events in memory (None: all). log_every_reading: log the
     first reading and then one in this many (1: all).
+    selfcheck_timeout: how long a new app (PENDING_VERIFY) may take to its first CONNACK.
+    ota_timeout: the HTTPS download's network timeout.
+    ota_power_loss: cut the power once, after this many bytes of an OTA download are in flash
+    (the `ota-power-loss=N` fault); `power_lost` says whether it happened.
     """
 
     def __init__(
@@ -372,6 +421,9 @@ class Firmware:
         settle: float = 0.3,
         keep_events: int | None = None,
         log_every_reading: int = 1,
+        selfcheck_timeout: float = SELFCHECK_TIMEOUT,
+        ota_timeout: float = 30.0,
+        ota_power_loss: int | None = None,
     ):
         self._own_flash = isinstance(flash, str)
         if self._own_flash:
@@ -395,6 +447,10 @@ class Firmware:
         self.window_check = window_check
         self.connect_timeout = connect_timeout
         self.settle = settle
+        self.selfcheck_timeout = selfcheck_timeout
+        self.ota_timeout = ota_timeout
+        self.ota_power_loss = ota_power_loss
+        self.power_lost = False
         self.events = []
         self._cond = threading.Condition()
         self._thread = None
@@ -407,6 +463,10 @@ class Firmware:
         self.pend = None
         self.device_id = None
         self.root = None
+        self.fw_version = FW_VERSION
+        self.project = BUILTIN_PROJECT
+        self.running_slot = None
+        self.ota_layout = None
 
     # -- thread control ------------------------------------------------------------------------
 
@@ -492,12 +552,19 @@ class Firmware:
             while True:
                 try:
                     self._boot()
-                    if self.cfg is None:
+                    if self.cfg is None or self._idle:
                         self._halted.wait()
                         raise _Reset
                     self._run()
                 except _Reset:
                     raise
+                except _Restart as r:
+                    self._drop()  # esp_restart(): no DISCONNECT, the broker publishes the Will
+                    self._event("restart", reason=str(r))
+                except _PowerLoss as p:
+                    self._drop()
+                    self._event("power-loss", during=str(p))
+                    self._sleep(0.2)  # off, then on again
                 except Exception:  # a panic: ESP-IDF prints the backtrace and reboots
                     text = traceback.format_exc(limit=4).strip().replace("\n", " | ")
                     self._event("panic", error=text)
@@ -523,8 +590,20 @@ class Firmware:
         self._install = None
         self._next_reading = None
         self._seq = 0
+        self._idle = False
+        self._ota_reports_due = []
+        self._ota_answered = set()
+        self._ota_job = None
         nvs_part, field_part, table = partition_layout(self.flash, self._nvs_arg, self._field_arg)
-        self._event("boot", fw=FW_VERSION, partition_table="yes" if table else "no")
+        self._bootloader()
+        fields = {"fw": self.fw_version, "partition_table": "yes" if table else "no"}
+        if self.running_slot is not None:
+            fields.update(
+                project=self.project,
+                slot=self.ota_layout.slot_name(self.running_slot),
+                ota_state=ota.state_name(self.ota_state) if self.ota_state is not None else "none",
+            )
+        self._event("boot", **fields)
         if nvs_part is None:
             self._event("not-provisioned", error="the partition table has no nvs partition")
             return
@@ -550,6 +629,7 @@ class Firmware:
             field_part = None
         self.nvs = self._open_field(field_part)
         self._load_field_state(station)
+        self._load_ota_state()
         self._event(
             "provisioned",
             device=self.device_id,
@@ -663,14 +743,24 @@ class Firmware:
     def _run(self):
         attempt = 0
         conn = None
+        verifying = self.ota_state == ota.PENDING_VERIFY
+        deadline = time.monotonic() + self.selfcheck_timeout
+        if verifying and self._selfcheck_marker:
+            self._selfcheck_failed("the image's self-check fails (esp32sim:selfcheck=fail)")
         while True:
             if conn is None:
                 try:
                     conn = self._connect(self.cred)
                 except _ConnectFailed as e:
                     self._event("connect-failed", slot=self.cred.slot, error=str(e))
-                    attempt = self._wait_to_reconnect(attempt)
+                    if verifying and time.monotonic() >= deadline:
+                        self._selfcheck_failed(f"no CONNACK within {self.selfcheck_timeout:g}s ({e})")
+                        return
+                    attempt = self._wait_to_reconnect(attempt, deadline if verifying else None)
                     continue
+                if verifying:
+                    verifying = False
+                    self._selfcheck_passed()
             started = time.monotonic()
             outcome, detail = self._session(conn)
             if outcome == "install":
@@ -683,8 +773,10 @@ class Firmware:
                 attempt = 0
             attempt = self._wait_to_reconnect(attempt)
 
-    def _wait_to_reconnect(self, attempt) -> int:
+    def _wait_to_reconnect(self, attempt, deadline=None) -> int:
         delay = self._backoff(attempt)
+        if deadline is not None:  # a self-check in progress is decided at its deadline
+            delay = max(0.0, min(delay, deadline - time.monotonic()))
         self._event("reconnect", delay=round(delay, 3), attempt=attempt + 1)
         self._sleep(delay)
         return attempt + 1
@@ -695,7 +787,11 @@ class Firmware:
         for ack in list(self._acks_due):
             conn.ack_mids[self._publish(conn, "pki/ack", ack, retain=True)] = ack
         self._check_halt()
-        conn.client.subscribe([(self.topic(t), 1) for t in ("pki/cert", "pki/rejected", "pki/cmd", "pki/ca")])
+        for report in list(self._ota_reports_due):
+            conn.report_mids[self._publish(conn, "ota/report", report, retain=True)] = report
+        self._check_halt()
+        topics = ("pki/cert", "pki/rejected", "pki/cmd", "pki/ca", "ota/job")
+        conn.client.subscribe([(self.topic(t), 1) for t in topics])
         suback_at = None
         settled = False
         next_window = None
@@ -715,6 +811,9 @@ class Firmware:
                 candidate, self._install = self._install, None
                 return "install", candidate
             self._collect_acks(conn)
+            if self._ota_job is not None and settled:
+                job, self._ota_job = self._ota_job, None
+                self._ota(conn, job)
             if not settled and suback_at is not None and now - suback_at >= self.settle:
                 settled = True
                 if self.state == "pending":
@@ -741,6 +840,11 @@ class Firmware:
                     self._event("publish-refused", seq=seq, reason=str(reason))
                 else:
                     self._event("published", seq=seq)
+            elif mid in conn.report_mids:
+                report = conn.report_mids.pop(mid)
+                if not reason.is_failure and report in self._ota_reports_due:
+                    self._ota_reports_due.remove(report)
+                    self._ota_finish(conn, report)
             elif mid in conn.ack_mids:
                 ack = conn.ack_mids.pop(mid)
                 if not reason.is_failure and ack in self._acks_due:
@@ -748,14 +852,17 @@ class Firmware:
                     self._event("ack", req=ack["req"], state=ack["state"], serial=ack.get("serial", ""))
 
     def _status(self) -> dict:
-        return {
+        status = {
             "v": 1,
             "online": True,
-            "fw": FW_VERSION,
+            "fw": self.fw_version,
             "cert_serial": self.cred.serial,
             "cert_not_after": _iso(self.cred.not_after),
             "renewal": self.state,
         }
+        if self.running_slot is not None:
+            status["slot"] = self.ota_layout.slot_name(self.running_slot)
+        return status
 
     def _publish_status(self, conn):
         if conn is not None:
@@ -786,6 +893,7 @@ class Firmware:
             "pki/rejected": self._on_rejected,
             "pki/cmd": self._on_cmd,
             "pki/ca": self._on_ca,
+            "ota/job": self._on_ota_job,
         }.get(leaf)
         if handler:
             handler(conn, msg)
@@ -963,6 +1071,252 @@ class Firmware:
         self._set_state(conn, "failed", req=req, error=error)
         if conn is not None:
             conn.ack_mids[self._publish(conn, "pki/ack", ack, retain=True)] = ack
+
+    # -- firmware updates (OTA) ----------------------------------------------------------------
+
+    def _bootloader(self):
+        """The second-stage bootloader: pick and check the app, then take its identity."""
+        self.fw_version, self.project = FW_VERSION, BUILTIN_PROJECT
+        self.running_slot = self.ota_state = None
+        self._selfcheck_marker = False
+        self.ota_layout = ota.layout_from_table(read_partition_table(self.flash))
+        if self.ota_layout is None or not self.ota_layout.slots:
+            return  # no table (legacy layout) or no app partitions: the built-in firmware runs
+        result = ota.boot(self.flash, self.ota_layout)
+        for note in result.notes:
+            self._event("bootloader", note=note)
+        if result.slot is None:
+            return  # a real board would stay in its bootloader; the twin runs its built-in identity
+        self.running_slot, self.ota_state = result.slot, result.state
+        desc = result.image.app_desc
+        if desc is not None:
+            self.fw_version, self.project = desc.version, desc.project_name
+        self._selfcheck_marker = appimage.has_selfcheck_fail_marker(result.data, result.image)
+
+    def _load_ota_state(self):
+        """fleet/ota_job set at boot: an update was under way. If the bootloader has since given up
+        on the other slot (INVALID or ABORTED, esp_ota_get_last_invalid_partition), the update
+        rolled back and this, the previous app, says so."""
+        fleet = self._field()
+        self.ota_job_id, self.ota_done = fleet.get("ota_job"), fleet.get("ota_done")
+        if not self.ota_job_id or self.running_slot is None or self.ota_state == ota.PENDING_VERIFY:
+            return
+        if not self.ota_layout.usable:
+            return
+        invalid = ota.last_invalid_slot(self.flash, self.ota_layout)
+        if invalid is None or invalid[0] == self.running_slot:
+            return  # no rollback: a download the power cut short; the retained job restarts it
+        slot, state = invalid
+        desc = appimage.describe(ota.read_slot(self.flash, self.ota_layout, slot))
+        error = f"self-check failed on {desc.version if desc else '(no app description)'}"
+        if state == ota.ABORTED:
+            error += " (reset before it marked itself valid: ABORTED by the bootloader)"
+        self._event("ota-rolled-back", job=self.ota_job_id, slot=self.ota_layout.slot_name(slot), error=error)
+        self._ota_report(None, self.ota_job_id, "rolled-back", error)
+
+    def _selfcheck_passed(self):
+        ota.mark_valid(self.flash, self.ota_layout)  # esp_ota_mark_app_valid_cancel_rollback()
+        self.ota_state = ota.VALID
+        self._event("ota-valid", slot=self.ota_layout.slot_name(self.running_slot), fw=self.fw_version)
+        if self.ota_job_id:
+            self._ota_report(None, self.ota_job_id, "updated", "")
+
+    def _selfcheck_failed(self, why):
+        self._event("self-check-failed", fw=self.fw_version, error=why)
+        refused = ota.mark_invalid(self.flash, self.ota_layout)
+        if refused is None:  # esp_ota_mark_app_invalid_rollback_and_reboot()
+            raise _Restart(f"self-check failed: {why}")
+        # ESP-IDF returns the error and the app keeps running; this one cannot do its job, so it
+        # idles until the next reset (the bootloader then marks it ABORTED).
+        self._event("rollback-impossible", error=refused)
+        self._drop()
+        self._halted.wait()
+        raise _Reset
+
+    def _on_ota_job(self, conn, msg):
+        job = msg.get("job")
+        if not isinstance(job, str) or not ID_RE.match(job):
+            self._event("ignored", topic="ota/job", why="no valid job id")
+            return
+        if job == self.ota_done or job in self._ota_answered:
+            return  # answered already
+        self._ota_job = msg  # handled in the session loop, once the retained messages are in
+
+    def _ota(self, conn, msg):
+        job = msg["job"]
+        try:
+            self._ota_check_job(msg)
+            if msg["version"] == self.fw_version:
+                # The job's version runs: either the update already happened (the power went
+                # after the mark-valid, before the report) or there is nothing to do.
+                state = "updated" if job == self.ota_job_id else "current"
+                self._event("ota-" + state, job=job, fw=self.fw_version)
+                self._ota_report(conn, job, state, "")
+                return
+            self._ota_download(conn, msg)
+        except _OtaFailed as e:
+            self._event("ota-failed", job=job, error=str(e))
+            self._ota_report(conn, job, "failed", str(e))
+
+    def _ota_check_job(self, msg):
+        if self.ota_layout is None or not self.ota_layout.usable:
+            raise _OtaFailed("no OTA partitions")
+        bad = [
+            k
+            for k, ok in (
+                ("project", isinstance(msg.get("project"), str) and msg.get("project")),
+                ("version", isinstance(msg.get("version"), str) and msg.get("version")),
+                ("url", isinstance(msg.get("url"), str) and msg["url"].startswith("https://")),
+                ("sha256", isinstance(msg.get("sha256"), str) and HEX64.match(msg["sha256"].lower())),
+                ("size", isinstance(msg.get("size"), int) and not isinstance(msg.get("size"), bool)),
+            )
+            if not ok
+        ]
+        if bad:
+            raise _OtaFailed(f"malformed job: bad or missing {', '.join(bad)}")
+        if self.running_slot is None:
+            raise _OtaFailed("the running firmware is not an app in an OTA slot")
+        if msg["project"] != self.project:
+            raise _OtaFailed(f"project {msg['project']!r} is not the running app's {self.project!r}")
+        if self.nvs is None:
+            raise _OtaFailed("no nvs_field partition to keep the job in")
+
+    def _ota_download(self, conn, msg):
+        """esp_https_ota: GET, esp_ota_begin, esp_ota_write while hashing, esp_ota_end,
+        esp_ota_set_boot_partition, esp_restart."""
+        job, size, layout = msg["job"], msg["size"], self.ota_layout
+        target = ota.next_update_slot(layout, self.running_slot)
+        label, _, slot_size = layout.slots[target]
+        if not 0 < size <= slot_size:
+            raise _OtaFailed(f"size {size} does not fit the {label} partition ({slot_size} bytes)")
+        self.nvs.set_str(FIELD_NS, "ota_job", job)  # before anything is downloaded
+        self.nvs.commit()
+        self.ota_job_id = job
+        self._event("ota-start", job=job, version=msg["version"], slot=label, url=msg["url"])
+        self._publish_report(conn, job, "downloading", "")
+        url = urlsplit(msg["url"])
+        try:
+            ctx = _tls_context({"ca_cert": self.bundle, **self.cred.tls_fields()})
+        except BootError as e:
+            raise _OtaFailed(f"TLS setup failed: {e}") from None
+        https = http.client.HTTPSConnection(
+            url.hostname, url.port or 443, context=ctx, timeout=self.ota_timeout
+        )
+        try:
+            https.request(
+                "GET",
+                url.path + (f"?{url.query}" if url.query else ""),
+                headers={"User-Agent": "ESP32 HTTP Client/1.0"},
+            )
+            resp = https.getresponse()
+            if resp.status != 200:
+                raise _OtaFailed(f"download failed: HTTP {resp.status} {resp.reason}")
+            length = resp.getheader("Content-Length")
+            if length is not None and length.isdigit() and int(length) != size:
+                raise _OtaFailed(f"size mismatch: the server sends {length} bytes, the job says {size}")
+            got, digest = self._ota_stream(conn, resp, msg, target)
+        except ssl.SSLCertVerificationError as e:
+            raise _OtaFailed(f"download failed: server certificate rejected ({e.verify_message})") from None
+        except (ssl.SSLError, OSError, http.client.HTTPException) as e:
+            raise _OtaFailed(f"download failed: {type(e).__name__}: {e}") from None
+        finally:
+            https.close()
+        if got != size:
+            raise _OtaFailed(f"size mismatch: {got} bytes received, the job says {size}")
+        if digest != msg["sha256"].lower():
+            raise _OtaFailed(f"SHA-256 mismatch: the image is {digest}, the job says {msg['sha256']}")
+        try:  # esp_ota_end and esp_ota_set_boot_partition both run esp_image_verify
+            ota.validate_slot(self.flash, layout, target)
+        except appimage.ImageError as e:
+            raise _OtaFailed(f"image verification failed: {e}") from None
+        index, seq = ota.set_boot_partition(self.flash, layout, target)
+        self._event("ota-boot-set", job=job, slot=label, otadata=index, seq=seq, state="NEW")
+        raise _Restart(f"update to {msg['version']} in {label}")
+
+    def _ota_stream(self, conn, resp, msg, target) -> tuple:
+        _, offset, slot_size = self.ota_layout.slots[target]
+        state = ota.slot_state(self.flash, self.ota_layout, self.running_slot)
+        if state == ota.PENDING_VERIFY:
+            raise _OtaFailed("the running app is not confirmed yet (PENDING_VERIFY)")
+        # esp_ota_begin(OTA_WITH_SEQUENTIAL_WRITES), esp_https_ota's default: each sector is erased
+        # when the writes reach it; with rollback enabled it also drops the superseded otadata entry.
+        if ota.invalidate_inactive(self.flash, self.ota_layout, self.running_slot):
+            self._event("ota-invalidated", note="the superseded otadata entry was erased")
+        sha = hashlib.sha256()
+        head = b""
+        written = 0
+        checked = False
+        next_loop = 0
+        while True:
+            chunk = resp.read(OTA_CHUNK)
+            if not chunk:
+                break
+            sha.update(chunk)
+            if not checked:
+                head += chunk
+                if len(head) < appimage.HEADER_CHECK_SIZE:
+                    continue
+                self._ota_check_header(head, msg)
+                checked, chunk = True, head
+            if written + len(chunk) > slot_size:
+                raise _OtaFailed(f"the image is larger than the partition ({slot_size} bytes)")
+            if self.ota_power_loss is not None and written + len(chunk) >= self.ota_power_loss:
+                cut = self.ota_power_loss - written
+                self._ota_write(offset, written, chunk[:cut])
+                self.ota_power_loss, self.power_lost = None, True
+                raise _PowerLoss(f"OTA download after {written + cut} bytes")
+            self._ota_write(offset, written, chunk)
+            written += len(chunk)
+            if written >= next_loop:  # keep the MQTT connection serviced (esp-mqtt has its own task)
+                conn.loop(0)
+                next_loop = written + 0x10000
+        if not checked and head:
+            self._ota_check_header(head, msg)  # too short to be an image: the header check says so
+        return written, sha.hexdigest()
+
+    def _ota_check_header(self, head, msg):
+        try:
+            desc = appimage.check_header(head)
+        except appimage.ImageError as e:
+            raise _OtaFailed(f"image header rejected: {e}") from None
+        if desc.project_name != self.project:
+            raise _OtaFailed(f"image project {desc.project_name!r} is not the running app's {self.project!r}")
+        if desc.version != msg["version"]:
+            raise _OtaFailed(f"image version {desc.version!r} is not the job's {msg['version']!r}")
+
+    def _ota_write(self, offset, written, data):
+        """esp_ota_write with sequential erase: erase the sectors the data reaches, then program."""
+        end = written + len(data)
+        first = -(-written // ota.SECTOR) * ota.SECTOR  # first sector boundary not yet erased
+        for sector in range(first, end, ota.SECTOR):
+            self.flash.erase(offset + sector, ota.SECTOR)
+        self.flash.program(offset + written, data)
+
+    def _report(self, job, state, error) -> dict:
+        return {"v": 1, "job": job, "state": state, "version": self.fw_version, "error": error}
+
+    def _publish_report(self, conn, job, state, error):
+        if conn is not None:
+            self._publish(conn, "ota/report", self._report(job, state, error), retain=True)
+
+    def _ota_report(self, conn, job, state, error):
+        """A final report: retained on R/ota/report; once the broker has it (PUBACK), ota_done =
+        job and ota_job is erased. Until then it is published again on every connection."""
+        report = self._report(job, state, error)
+        self._ota_answered.add(job)
+        self._ota_reports_due.append(report)
+        if conn is not None:
+            conn.report_mids[self._publish(conn, "ota/report", report, retain=True)] = report
+
+    def _ota_finish(self, conn, report):
+        if self.nvs is not None:
+            self.nvs.set_str(FIELD_NS, "ota_done", report["job"])
+            self.nvs.erase_key(FIELD_NS, "ota_job")
+            self.nvs.commit()
+        self.ota_done, self.ota_job_id = report["job"], None
+        self._event("ota-report", job=report["job"], state=report["state"], error=report["error"])
+        if report["state"] == "updated":
+            self._publish_status(conn)
 
     # -- renewal requests ----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 # `fleet start` on a running fleet with unplugged boards asks the daemon to plug them back in.
 REPLUG_SIGNAL = signal.SIGUSR1
+FIRMWARE_FAULTS = ("ota-power-loss",)
 _LOG_LOCK = threading.Lock()
 
 
@@ -48,11 +49,20 @@ def _paths(d):
 def build_config(args) -> dict:
     if args.count < 1:
         raise ValueError("--count must be at least 1")
-    faults = {}
+    faults, fw_faults = {}, {}
     for spec in args.fault_board:
         idx, sep, fault = spec.partition(":")
         if not sep or not idx.isdigit() or int(idx) >= args.count:
             raise ValueError(f"--fault-board {spec!r}: expected I:KIND[=VALUE] with 0 <= I < {args.count}")
+        if fault.partition("=")[0] in FIRMWARE_FAULTS:
+            # A fault of the running firmware, not of the ROM loader: only with --firmware.
+            if not getattr(args, "firmware", False):
+                raise ValueError(f"--fault-board {spec!r}: needs --firmware")
+            from .firmware import parse_ota_fault
+
+            parse_ota_fault(fault)
+            fw_faults.setdefault(int(idx), []).append(fault)
+            continue
         Faults.parse([fault])
         faults.setdefault(int(idx), []).append(fault)
     d = os.path.abspath(args.dir)
@@ -68,6 +78,8 @@ def build_config(args) -> dict:
                 "faults": faults.get(i, []),
             }
         )
+        if fw_faults.get(i):  # only when set: a fleet.json from before stays the same fleet
+            boards[-1]["firmware_faults"] = fw_faults[i]
     cfg = {"dir": d, "baud_pacing": bool(args.baud_pacing), "boards": boards}
     if getattr(args, "firmware", False):
         if args.firmware_interval <= 0:
@@ -223,10 +235,16 @@ def stop(args) -> int:
 class _FirmwareHost:
     """Runs one board's firmware while its port is closed (and it is plugged in)."""
 
-    def __init__(self, index, board, interval):
+    def __init__(self, index, board, interval, faults=()):
         self.index = index
         self.board = board
         self.interval = interval
+        # ota-power-loss=N happens once per board: a later boot (after esptool) is not cut again.
+        from .firmware import parse_ota_fault
+
+        self.ota_power_loss = None
+        for f in faults:
+            self.ota_power_loss = parse_ota_fault(f)
         self.lock = threading.Lock()
         self.fw = None
         self.port_open = False
@@ -269,6 +287,8 @@ class _FirmwareHost:
         with self.lock:
             if self.port_open or self.unplugged or (self.fw is not None and self.fw.alive):
                 return
+            if self.fw is not None and self.fw.power_lost:
+                self.ota_power_loss = None
             # Months of readings: bounded memory, and fleet.log gets one reading an hour per board.
             self.fw = Firmware(
                 self.board.flash,
@@ -276,6 +296,7 @@ class _FirmwareHost:
                 log=self.log,
                 keep_events=10000,
                 log_every_reading=max(1, round(3600 / self.interval)),
+                ota_power_loss=self.ota_power_loss,
             ).start()
 
     def close(self):
@@ -310,7 +331,9 @@ def run_daemon(args) -> int:
             )
             boards.append(board)
             if firmware:
-                hosts.append(_FirmwareHost(b["index"], board, firmware["interval"]))
+                hosts.append(
+                    _FirmwareHost(b["index"], board, firmware["interval"], b.get("firmware_faults", ()))
+                )
             transports.append(PtyTransport(board, b["port"]))
         for t in transports:
             th = threading.Thread(target=t.serve, args=(stop_event,), daemon=True)
