@@ -19,7 +19,8 @@ IMAGE_TRIXIE := localhost/esp32-fleet-debian:trixie
 SITE_DEBS := openssl
 # openssh-client: Molecule's station scenario reaches its station container over real SSH.
 # faketime: the upkeep tests move the clock; cron: its crontab, which ansible.builtin.cron needs.
-TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client faketime cron
+# nginx: the OTA image server role's tests run it on this host.
+TEST_DEBS := openssl mosquitto mosquitto-clients podman runc debootstrap uidmap slirp4netns openssh-client faketime cron nginx
 
 .PHONY: site test check status venv lint sanity unit pytest molecule molecule-default molecule-rest molecule-fleet molecule-station image system-deps-site system-deps-test bench clean
 

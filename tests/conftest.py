@@ -22,6 +22,7 @@ INTEGRATION = (
     "tests/pki/test_pki_issue.py",
     "tests/pki/test_pki_renew_broker.py",
     "tests/pki/test_pki_rotation.py",
+    "tests/ota_server/",
     "tests/test_collection.py",
     "tests/upkeep/test_upkeep_",
 )

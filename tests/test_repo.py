@@ -28,7 +28,15 @@ def test_role_readme_variable_tables_match_argument_specs():
 
 def test_every_role_with_argument_specs_has_a_readme_with_its_table():
     roles = sorted(p.parents[1].name for p in ROOT.glob("roles/*/meta/argument_specs.yml"))
-    assert roles == ["esp32_provision", "mosquitto", "pki", "renewal", "upkeep"]
+    assert roles == [
+        "esp32_provision",
+        "mosquitto",
+        "ota",
+        "ota_server",
+        "pki",
+        "renewal",
+        "upkeep",
+    ]
     for role in roles:
         text = (ROOT / "roles" / role / "README.md").read_text()
         assert f"<!-- BEGIN VARS {role} -->\n| variable | type | default | description |" in text, role

@@ -25,8 +25,8 @@ from ansible.plugins.action import ActionBase
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.filter.esp32_fleet_revoked import (
     esp32_fleet_revocation,
 )
+from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import esp32_image, pki_device
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import esp32_provision_plan as plan
-from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils import pki_device
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_errors import Esp32Error
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.esp32_nvsbuild import build as build_nvs
 from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_config_hash import (
@@ -76,6 +76,8 @@ ARGUMENT_SPEC = dict(
     pki_passphrase=dict(type="str", required=True, no_log=True),
     keep_key=dict(type="bool", default=False),
     revoke_replaced=dict(type="bool", default=True),
+    ota_layout=dict(type="bool", default=True),
+    ota_migrate=dict(type="bool", default=False),
 )
 
 
@@ -88,6 +90,19 @@ class _Failure(Exception):
 
 def _utcnow():
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def _generated(offset, name, data):
+    """An image made here (not a file): the partition table, the erased otadata."""
+    return dict(
+        offset=offset,
+        path=None,
+        data=data,
+        name=name,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        md5=hashlib.md5(data).hexdigest(),  # noqa: S324 - the board reports its regions' MD5
+    )
 
 
 def _checksums(path):
@@ -123,6 +138,7 @@ class ActionModule(ActionBase):
             "ca_sha256": "",
         }
         self._changed = False
+        self._notes = []
         try:
             result.update(self._provision())
         except _Failure as exc:
@@ -132,6 +148,8 @@ class ActionModule(ActionBase):
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)
         result["changed"] = self._changed or result.get("changed", False)
+        if self._notes:
+            result["warnings"] = [f"{args['device_id']}: {note}" for note in self._notes]
         result["row"] = self._finish_row(result)
         return result
 
@@ -200,8 +218,13 @@ class ActionModule(ActionBase):
         return {"reasons": []}
 
     def _firmware(self):
+        """The images of the board's flash besides NVS: the firmware files, the two-OTA partition
+        table and erased otadata when the layout goes down (plan.ota_layout), without the app slots
+        of a board whose app came over the air."""
+        args = self._args
+        previous = args["previous"]
         images, missing = [], []
-        for spec in self._args["firmware"]:
+        for spec in args["firmware"]:
             path = spec["path"]
             if not os.path.isfile(path):
                 missing.append(path)
@@ -214,8 +237,55 @@ class ActionModule(ActionBase):
             )
         if missing:
             raise _Failure(f"Missing firmware image(s): {missing}")
-        self._row["firmware"] = plan.firmware_row(images)
+        layout, with_otadata, self._notes = plan.ota_layout(
+            {i["offset"] for i in images}, previous, args["ota_layout"], args["ota_migrate"]
+        )
+        version, source = self._app_version(images, previous)
+        if plan.field_managed(previous):
+            kept = [i for i in images if not esp32_image.in_app_slot(i["offset"])]
+            if len(kept) < len(images):
+                self._notes.append(
+                    f"app slots left as they are: the board runs {version or 'an app'} from an OTA rollout"
+                )
+            images = kept
+        if layout == "ota":
+            nvs = esp32_image.partition("nvs")
+            if (args["nvs_offset"], args["nvs_size"]) != nvs:
+                raise _Failure(
+                    "esp32_provision_nvs_offset/esp32_provision_nvs_size must be the two-OTA partition "
+                    f"table's nvs ({nvs[0]:#x}, {nvs[1]:#x}), got ({args['nvs_offset']:#x}, "
+                    f"{args['nvs_size']:#x}); or set esp32_provision_ota_layout: false"
+                )
+            images.append(
+                _generated(
+                    esp32_image.PARTITION_TABLE_OFFSET, "partition-table.bin", esp32_image.partition_table()
+                )
+            )
+            if with_otadata:
+                offset, blank = esp32_image.ota_data_initial()
+                images.append(_generated(offset, "ota_data_initial.bin", blank))
+        images.sort(key=lambda image: image["offset"])
+        self._row.update(
+            firmware=plan.firmware_row(images),
+            layout=layout,
+            firmware_version=version,
+            firmware_source=source,
+        )
         return images
+
+    @staticmethod
+    def _app_version(images, previous):
+        """(version, source) of the app the board will run: the app description of the image in
+        ota_0, else what the board's record says (credentials only, or an app from OTA)."""
+        if plan.field_managed(previous):
+            return str(previous.get("firmware_version", "")), "ota"
+        for image in images:
+            if image["offset"] == plan.OTA_0:
+                try:
+                    return esp32_image.read_app_image(image["path"])["version"], "station"
+                except esp32_image.ImageError:
+                    return "", "station"  # not an ESP-IDF app (no app description): no version
+        return str(previous.get("firmware_version", "") or ""), str(previous.get("firmware_source", "") or "")
 
     def _trust_bundle(self, check):
         """The SHA-256 of the CA bundle written into NVS: in the row and in the settings fingerprint."""
@@ -388,7 +458,9 @@ class ActionModule(ActionBase):
         if nvs is not None:
             images.append({"offset": args["nvs_offset"], "content_b64": base64.b64encode(nvs).decode()})
         for fw in firmware:
-            if args["station_is_controller"]:
+            if fw.get("data") is not None:
+                images.append({"offset": fw["offset"], "content_b64": base64.b64encode(fw["data"]).decode()})
+            elif args["station_is_controller"]:
                 images.append({"offset": fw["offset"], "path": fw["path"]})
             else:  # a remote station gets the bytes inside the module's arguments: nothing staged
                 with open(fw["path"], "rb") as handle:

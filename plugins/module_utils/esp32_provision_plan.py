@@ -14,6 +14,9 @@ from __future__ import annotations
 import datetime
 
 NO_RECORD = "no successful run recorded"
+# Where ESP-IDF's bootloader and the first app slot are (docs/device-protocol.md section 1).
+BOOTLOADER = 0x1000
+OTA_0 = 0x10000
 
 
 def _not_after_text(not_after):
@@ -84,3 +87,36 @@ def firmware_row(firmware):
         }
         for image in firmware
     ]
+
+
+def ota_layout(offsets, previous, wanted, migrate):
+    """How the station lays out the board's flash: (layout, write_otadata, notes).
+
+    offsets: the offsets of the board's firmware images. The two-OTA partition table goes down
+    together with a bootloader (0x1000) and an app in ota_0 (0x10000), the one moment (USB) the
+    bootloader that makes OTA and rollback possible can be written. A new board gets table, the
+    erased otadata (boot ota_0), bootloader and app; a board recorded with that layout keeps its
+    otadata (the bootloader and OTA own it from then on). A board provisioned before this layout
+    existed is reported and left as it is, unless migrate says to lay the table down.
+    """
+    if not wanted or BOOTLOADER not in offsets or OTA_0 not in offsets:
+        return str(previous.get("layout", "") or ""), False, []
+    if not previous:
+        return "ota", True, []
+    if previous.get("layout") == "ota":
+        return "ota", False, []
+    if migrate:
+        return "ota", True, ["migrated to the two-OTA layout (partition table, erased otadata)"]
+    return (
+        "legacy",
+        False,
+        [
+            "provisioned before the two-OTA layout: its partition table was not written (set "
+            "esp32_ota_migrate: true on the board to lay it down; OTA needs it)"
+        ],
+    )
+
+
+def field_managed(previous):
+    """True when the board's app came over the air: the station leaves its app slots alone then."""
+    return str(previous.get("firmware_source", "") or "") == "ota"

@@ -24,9 +24,11 @@ from ansible_collections.esp32_fleet.mqtt_fleet.plugins.module_utils.fleet_lock 
 MANIFEST_VERSION = 1
 # renewed: the board replaced its certificate over the air (docs/device-protocol.md); its flash
 # (the station's nvs partition) is as the row before it recorded, the certificate is the new one.
-RESULTS = ("provisioned", "unchanged", "renewed", "failed", "revoked")
+# updated / rolled-back / ota-failed: an over-the-air firmware job (playbooks/ota.yml) ended so; the
+# board's nvs is as the row before it recorded, only its app (or nothing) changed.
+RESULTS = ("provisioned", "unchanged", "renewed", "updated", "rolled-back", "ota-failed", "failed", "revoked")
 # Rows that describe a working board: what the next station run compares the board with.
-SUCCESS_RESULTS = ("provisioned", "unchanged", "renewed")
+SUCCESS_RESULTS = ("provisioned", "unchanged", "renewed", "updated", "rolled-back", "ota-failed")
 # CSV column order (JSON rows carry the same keys).
 FIELDS = (
     "run_id",
@@ -48,6 +50,12 @@ FIELDS = (
     # SHA-256 of the trust bundle the station wrote into the board's nvs (mqtt/ca_cert): with it the
     # upkeep knows the board needs no retained bundle on R/pki/ca (fleet_renewal action=publish_ca).
     "ca_sha256",
+    # ota: the station laid down the two-OTA partition table (docs/device-protocol.md section 1);
+    # legacy: the board was provisioned before and keeps its layout; empty: no firmware was written.
+    "layout",
+    # The app version the board runs (its app description), and who put it there: station or ota.
+    "firmware_version",
+    "firmware_source",
     "seconds",
     "result",
     "reason",

@@ -180,6 +180,21 @@ options:
     description: Return the certificate the board held before in RV(revoke) when it got a new one.
     type: bool
     default: true
+  ota_layout:
+    description:
+      - Lay down ESP-IDF's two-OTA layout (docs/device-protocol.md section 1) when the firmware has a
+        bootloader at C(0x1000) and an app at C(0x10000) (the partition table at C(0x8000), and on a new
+        board the erased otadata, which boots C(ota_0)). From then on the bootloader and OTA own the otadata.
+      - A board recorded before this layout existed is reported (a warning, row C(layout=legacy)) and
+        left as it is unless O(ota_migrate).
+      - A board whose app came over the air (row C(firmware_source=ota)) keeps its app slots.
+    type: bool
+    default: true
+  ota_migrate:
+    description: Lay the two-OTA layout down on a board provisioned before it (partition table and
+      erased otadata, after which the board boots the app in C(ota_0)).
+    type: bool
+    default: false
 seealso:
   - module: esp32_fleet.mqtt_fleet.esp32_flash
   - module: esp32_fleet.mqtt_fleet.esp32_info

@@ -31,7 +31,8 @@ options:
   rows:
     description:
       - Rows to append. Keys are the manifest fields (C(device_id) and C(result) are required;
-        C(result) is one of C(provisioned), C(unchanged), C(renewed), C(failed), C(revoked)).
+        C(result) is one of C(provisioned), C(unchanged), C(renewed), C(updated), C(rolled-back),
+        C(ota-failed), C(failed), C(revoked)).
       - C(firmware) is a list of mappings (C(offset), C(sha256), ...).
     type: list
     elements: dict

@@ -55,7 +55,8 @@ last:
   returned: always
   type: dict
 last_success:
-  description: Device id to its most recent row whose result is C(provisioned), C(unchanged) or C(renewed).
+  description: Device id to its most recent row that describes a working board (result C(provisioned),
+    C(unchanged), C(renewed), C(updated), C(rolled-back) or C(ota-failed)).
   returned: always
   type: dict
 """
